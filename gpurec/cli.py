@@ -1,0 +1,45 @@
+"""`gpurec` console command: one subcommand per pipeline stage.
+
+Each subcommand lives next to the stage it runs, as a module with `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their command runs, so `gpurec --help` and
+`gpurec <cmd> --help` stay fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("gpurec.data.generate", "write the synthetic short-video world (or a real dataset) as logs"),
+    "preprocess": ("gpurec.preprocess.command", "turn logs into training features + manifest (Polars, CPU or GPU)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpurec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse the command name first, then let only that command's module define its arguments.
+    if argv and argv[0] in COMMANDS:
+        module_name, help_text = COMMANDS[argv[0]]
+        module = importlib.import_module(module_name)
+        cmd_parser = argparse.ArgumentParser(prog=f"gpurec {argv[0]}", description=help_text)
+        module.add_arguments(cmd_parser)
+        args = cmd_parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    parser.parse_args(argv)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
