@@ -30,7 +30,9 @@ _MASK = (1 << 64) - 1
 
 def feature_salt(feature: str) -> int:
     """A fixed 64-bit salt per feature name."""
-    return int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8, person=b"gpurec-salt").digest(), "little")
+    return int.from_bytes(
+        hashlib.blake2b(feature.encode(), digest_size=8, person=b"gpurec-salt").digest(), "little"
+    )
 
 
 def _to_signed(u: int) -> int:
