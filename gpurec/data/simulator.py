@@ -36,7 +36,9 @@ class PopularityInterestPolicy:
 
     def __init__(self, world: World, hour_start_ms: int) -> None:
         self.world = world
-        weights = world.item_weights(hour_start_ms + MS_PER_DAY // 48)  # freshness at mid-hour
+        # Freshness as of the hour's start: an item uploaded during the hour is eligible from the next one,
+        # so no session can be shown an item before its upload.
+        weights = world.item_weights(hour_start_ms)
         self.global_cum = np.cumsum(weights)
         order = np.argsort(world.item_topic, kind="stable")
         self.topic_order = order
@@ -121,15 +123,15 @@ def simulate_day(world: World, day: int, next_request_id: int) -> DayLogs:
     personal = (rng.random(len(users)) < c.personalised_share) & world.consent_personalisation[users]
     interest = world.interests(day)
     slot_hour = hour[slot_session]
-    policies = {}
     for h in np.unique(slot_hour):
-        policy = policies[h] = PopularityInterestPolicy(world, day_ms + int(h) * 3_600_000)
+        policy = PopularityInterestPolicy(world, day_ms + int(h) * 3_600_000)
         in_hour = slot_hour == h
         pers = np.flatnonzero(in_hour & personal)
         glob = np.flatnonzero(in_hour & ~personal)
         items[pers] = policy.by_topic(_sample_topics(interest[users[pers]], rng), rng)
         items[glob] = policy.by_popularity(len(glob), rng)
-    keep = _dedupe_in_request(request, items, policies[int(np.median(slot_hour))].by_popularity, rng)
+    # Repeats within a request are redrawn from items live since the day's start (valid at any hour).
+    keep = _dedupe_in_request(request, items, PopularityInterestPolicy(world, day_ms).by_popularity, rng)
 
     response = world.respond(users, items, day, slot_pos, rng)
 
