@@ -1,0 +1,211 @@
+"""Typed model configuration: one dataclass per concept, loadable from TOML (or YAML).
+
+The ranker's shape lives in a config file rather than in code so that training, the benchmark
+and serving build exactly the same model from one source of truth. Loading is strict: a
+misspelt key (``botom_mlp``) would otherwise silently fall back to a default and train a
+different model than the one asked for, so unknown keys are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 has no tomllib; tomli is the same parser as a package.
+    import tomli as tomllib
+
+Pooling = Literal["sum", "mean"]
+Interaction = Literal["dot", "dcn"]
+
+POOLINGS: tuple[str, ...] = ("sum", "mean")
+INTERACTIONS: tuple[str, ...] = ("dot", "dcn")
+
+
+@dataclass(frozen=True)
+class SparseFeatureSpec:
+    """One sparse feature and the embedding table (``t_<name>``) that serves it.
+
+    ``multi_valued`` features (hashtags) have a variable number of ids per example that the
+    table pools with ``pooling``; single-valued features have exactly one id per example.
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    multi_valued: bool = False
+    pooling: Pooling = "sum"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("sparse feature name must be non-empty")
+        _require_positive_int(f"sparse feature {self.name!r} num_embeddings", self.num_embeddings)
+        _require_positive_int(f"sparse feature {self.name!r} embedding_dim", self.embedding_dim)
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"sparse feature {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}"
+            )
+
+    @property
+    def table_name(self) -> str:
+        """Name of the embedding table; sharding plans and checkpoints refer to tables by it."""
+        return f"t_{self.name}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the multi-task DLRM ranker.
+
+    ``num_embeddings`` overrides ``default_num_embeddings`` per feature (a user table needs
+    more rows than a language table). ``bottom_mlp`` maps the dense features to one vector;
+    with ``interaction = "dot"`` its last size must equal ``embedding_dim`` because it is dotted
+    with every embedding. ``score_weights`` combine per-task probabilities into the single
+    ranking score serving sorts by; tasks without a weight do not contribute to it.
+    """
+
+    embedding_dim: int = 64
+    default_num_embeddings: int = 100_000
+    num_embeddings: dict[str, int] = field(default_factory=dict)
+    bottom_mlp: tuple[int, ...] = (512, 256, 64)
+    top_mlp: tuple[int, ...] = (512, 256)
+    interaction: Interaction = "dot"
+    dcn_layers: int = 3
+    dcn_low_rank: int = 128
+    multi_valued_pooling: Pooling = "mean"
+    tasks: tuple[str, ...] = ("like", "finish")
+    score_weights: dict[str, float] = field(default_factory=lambda: {"like": 1.0, "finish": 1.0})
+
+    def __post_init__(self) -> None:
+        # TOML and YAML give lists; freeze them so configs compare and print the same way.
+        object.__setattr__(self, "bottom_mlp", _int_tuple("bottom_mlp", self.bottom_mlp))
+        object.__setattr__(self, "top_mlp", _int_tuple("top_mlp", self.top_mlp))
+        object.__setattr__(self, "tasks", _str_tuple("tasks", self.tasks))
+        object.__setattr__(self, "num_embeddings", dict(_mapping("num_embeddings", self.num_embeddings)))
+        object.__setattr__(self, "score_weights", dict(_mapping("score_weights", self.score_weights)))
+        self._validate()
+
+    def _validate(self) -> None:
+        _require_positive_int("embedding_dim", self.embedding_dim)
+        _require_positive_int("default_num_embeddings", self.default_num_embeddings)
+        for feature, rows in self.num_embeddings.items():
+            _require_positive_int(f"num_embeddings[{feature!r}]", rows)
+        if self.interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
+        if self.multi_valued_pooling not in POOLINGS:
+            raise ValueError(
+                f"multi_valued_pooling must be one of {POOLINGS}, got {self.multi_valued_pooling!r}"
+            )
+        if self.interaction == "dot" and self.bottom_mlp[-1] != self.embedding_dim:
+            raise ValueError(
+                f"dot interaction needs bottom_mlp[-1] == embedding_dim, got {self.bottom_mlp[-1]} != {self.embedding_dim}"
+            )
+        _require_positive_int("dcn_layers", self.dcn_layers)
+        _require_positive_int("dcn_low_rank", self.dcn_low_rank)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct, got {self.tasks}")
+        for task in self.tasks:
+            if not task.isidentifier():
+                raise ValueError(f"task names must be identifiers (they name model heads), got {task!r}")
+        if not self.score_weights:
+            raise ValueError("score_weights must weight at least one task")
+        for task, weight in self.score_weights.items():
+            if task not in self.tasks:
+                raise ValueError(f"score_weights names unknown task {task!r} (tasks: {self.tasks})")
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise ValueError(f"score_weights[{task!r}] must be a number, got {weight!r}")
+
+    def sparse_specs(
+        self, features: Iterable[str], multi_valued: Iterable[str] = ()
+    ) -> list[SparseFeatureSpec]:
+        """Specs for ``features`` in the given order; features in ``multi_valued`` pool their ids.
+
+        ``features`` is the full list of sparse features (the manifest's); every name in
+        ``num_embeddings`` and ``multi_valued`` must be one of them.
+        """
+        multi = set(multi_valued)
+        names = list(features)
+        unknown = multi - set(names)
+        if unknown:
+            raise ValueError(f"multi_valued names features not in the feature list: {sorted(unknown)}")
+        # A misspelt override would otherwise leave the real feature at the default size.
+        unknown = set(self.num_embeddings) - set(names)
+        if unknown:
+            raise ValueError(f"num_embeddings names features not in the feature list: {sorted(unknown)}")
+        return [
+            SparseFeatureSpec(
+                name=name,
+                num_embeddings=self.num_embeddings.get(name, self.default_num_embeddings),
+                embedding_dim=self.embedding_dim,
+                multi_valued=name in multi,
+                pooling=self.multi_valued_pooling if name in multi else "sum",
+            )
+            for name in names
+        ]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Build a config from a parsed mapping, rejecting keys that are not fields."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ValueError(f"unknown key {key!r} in model config (known keys: {', '.join(known)})")
+        return cls(**values)
+
+
+def load_model_config(path: str | Path, section: str = "model") -> ModelConfig:
+    """Load the ``[section]`` table of a TOML (or, with pyyaml installed, YAML) file.
+
+    Configs are sectioned so that one file can later also carry the training and serving
+    settings; only the named section is read and checked.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ValueError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or use TOML") from exc
+        document = yaml.safe_load(path.read_text()) or {}
+    else:
+        raise ValueError(f"{path}: unsupported config format {suffix!r} (use .toml, .yaml or .yml)")
+    if section not in document:
+        raise ValueError(f"{path}: no [{section}] section")
+    try:
+        return ModelConfig.from_dict(_mapping(section, document[section]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _require_positive_int(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _int_tuple(what: str, values: Iterable[int]) -> tuple[int, ...]:
+    result = tuple(values)
+    if not result:
+        raise ValueError(f"{what} must have at least one layer")
+    for size in result:
+        _require_positive_int(f"{what} layer size", size)
+    return result
+
+
+def _str_tuple(what: str, values: Iterable[str]) -> tuple[str, ...]:
+    result = (values,) if isinstance(values, str) else tuple(values)
+    if not result or not all(isinstance(v, str) and v for v in result):
+        raise ValueError(f"{what} must be a non-empty list of names, got {values!r}")
+    return result
+
+
+def _mapping(what: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a table/mapping, got {type(value).__name__}")
+    return value
