@@ -201,7 +201,7 @@ def test_loose_column_types_are_coerced_without_changing_values():
     assert validate(loose, "actions", now_ms=NOW).valid.equals(expected)
     as_int_ms = loose.set_column(2, "ts", pa.array(ts_ms, pa.int64()))
     assert validate(as_int_ms, "actions", now_ms=NOW).valid.equals(expected)
-    iso = [dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).isoformat() for t in ts_ms]
+    iso = [dt.datetime.fromtimestamp(t / 1000, dt.UTC).isoformat() for t in ts_ms]
     as_iso = loose.set_column(2, "ts", pa.array(iso))
     assert validate(as_iso, "actions", now_ms=NOW).valid.equals(expected)
     paris = (
@@ -225,7 +225,7 @@ def test_list_of_dicts_with_mixed_types():
     ids = [1, "2", "abc", 3.0, True, None, np.int64(4), "0x1F"]
     rows = [dict(r, user_id=v) for r, v in zip(base, ids, strict=True)]
     rows.insert(3, "not a dict")
-    rows[0]["ts"] = dt.datetime(2024, 5, 31, 12, 0, tzinfo=dt.timezone.utc)  # datetimes among ints
+    rows[0]["ts"] = dt.datetime(2024, 5, 31, 12, 0, tzinfo=dt.UTC)  # datetimes among ints
     result = validate_rows(rows, "impressions", now_ms=NOW)
     assert result.valid.column("user_id").to_pylist() == [1, 2, 3, 4]
     assert result.valid.column("ts")[0].as_py() == rows[0]["ts"]
@@ -240,7 +240,7 @@ def test_list_of_dicts_with_mixed_types():
 
 
 def test_dead_letter_round_trip_keeps_original_values(tmp_path):
-    when = dt.datetime(2024, 5, 31, 8, 30, 15, 123456, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2024, 5, 31, 8, 30, 15, 123456, tzinfo=dt.UTC)
     rows = [
         dict(GOOD["actions"], watch_ms=float("nan"), source={"app": "ios", "build": 42}),
         dict(GOOD["actions"], request_id="abc", ts=when),
@@ -293,7 +293,7 @@ def test_timestamps_python_cannot_hold_are_rejected_not_crashing():
 def test_iso_strings_with_z_or_no_zone_mean_utc():
     ts = ["2024-05-31T00:00:00Z", "2024-05-31 00:00:00", "2024-05-31T02:00:00+02:00"]
     result = validate_rows([dict(GOOD["actions"], ts=t) for t in ts], "actions", now_ms=NOW)
-    expected = dt.datetime(2024, 5, 31, tzinfo=dt.timezone.utc)
+    expected = dt.datetime(2024, 5, 31, tzinfo=dt.UTC)
     assert result.valid.column("ts").to_pylist() == [expected] * 3
 
 

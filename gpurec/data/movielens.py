@@ -204,7 +204,7 @@ def _to_arrow(frame: pl.DataFrame, log: str) -> pa.Table:
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat()
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat()
 
 
 def convert_movielens_100k(out_dir: str | Path, *, source_dir: str | Path | None = None) -> dict:

@@ -102,12 +102,12 @@ DAY_FORMAT = "%Y-%m-%d"
 
 def day_of(ts_ms: int) -> str:
     """UTC day partition name (YYYY-MM-DD) of a millisecond timestamp."""
-    return dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.timezone.utc).strftime(DAY_FORMAT)
+    return dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC).strftime(DAY_FORMAT)
 
 
 def day_start_ms(day: str) -> int:
     """Millisecond timestamp of 00:00 UTC on `day` (YYYY-MM-DD)."""
-    parsed = dt.datetime.strptime(day, DAY_FORMAT).replace(tzinfo=dt.timezone.utc)
+    parsed = dt.datetime.strptime(day, DAY_FORMAT).replace(tzinfo=dt.UTC)
     return int(parsed.timestamp() * 1000)
 
 

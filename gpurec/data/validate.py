@@ -55,7 +55,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
 
 _INT_RE = re.compile(r"-?[0-9]+")
 _INT_RANGE = {pa.int32(): (-(2**31), 2**31 - 1), pa.int64(): (-(2**63), 2**63 - 1)}
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def _py_coerce(v: Any, field: pa.Field) -> Any:
             if isinstance(v, str) and not _INT_RE.fullmatch(v):
                 v = dt.datetime.fromisoformat(v[:-1] + "+00:00" if v.endswith("Z") else v)  # 'Z': Python 3.10
             if isinstance(v, dt.datetime):
-                v = v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)
+                v = v if v.tzinfo else v.replace(tzinfo=dt.UTC)
                 return (v - _EPOCH) // dt.timedelta(milliseconds=1)
         except (ValueError, TypeError, OverflowError):
             raise wrong from None

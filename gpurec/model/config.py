@@ -9,16 +9,11 @@ different model than the one asked for, so unknown keys are an error that names 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 has no tomllib; tomli is the same parser as a package.
-    import tomli as tomllib
 
 Pooling = Literal["sum", "mean"]
 Interaction = Literal["dot", "dcn"]
