@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("gpurec.data.generate", "write the synthetic short-video world (or a real dataset) as logs"),
     "preprocess": ("gpurec.preprocess.command", "turn logs into training features + manifest (Polars, CPU or GPU)"),
+    "train": ("gpurec.train.command", "train the multi-task DLRM on sharded TorchRec tables (torchrun-ready)"),
+    "evaluate": ("gpurec.train.evaluate_command", "score a checkpoint vs popularity, logistic regression and the oracle"),
 }
 
 

@@ -131,15 +131,18 @@ def combine_task_scores(logits: dict[str, torch.Tensor], weights: dict[str, floa
     return torch.stack(terms).sum(dim=0)
 
 
+def task_losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean binary cross-entropy of each task's logits against its labels."""
+    return {task: nn.functional.binary_cross_entropy_with_logits(logits[task], labels[task]) for task in logits}
+
+
 def multi_task_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over tasks of the mean binary cross-entropy of each task's logits.
+    """Sum over tasks of `task_losses`.
 
     An unweighted sum: the tasks' relative importance belongs in the ranking score, where it
     can change without retraining.
     """
-    return torch.stack(
-        [nn.functional.binary_cross_entropy_with_logits(logits[task], labels[task]) for task in logits]
-    ).sum()
+    return torch.stack(list(task_losses(logits, labels).values())).sum()
 
 
 def build_model(

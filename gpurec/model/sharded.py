@@ -21,8 +21,9 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.comm import get_local_size, get_topology_domain_multiple
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -30,6 +31,27 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from gpurec.model.dlrm import MultiTaskDLRM
 
 DenseOptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SHARDING_TYPES: tuple[str, ...] = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+
+
+class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
+    """TorchRec's EBC sharder, but offering row-wise sharding on CPU too.
+
+    TorchRec lists ``row_wise``/``table_row_wise`` only for CUDA, although the CPU fused kernels
+    and the gloo collectives run them correctly (a 2-rank CPU run matches an unsharded model).
+    Row-wise is what large id tables need, so CPU training and tests must be able to use it.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    return [EmbeddingBagCollectionSharderAnyDevice()]
 
 
 def shard_model(
@@ -44,10 +66,12 @@ def shard_model(
     TorchRec's planner chooses the plan for the current process group and ``device``. Left
     alone it replicates small tables (``data_parallel`` with the dense kernel: no fusion) and
     shards large ones with the fused kernel; ``sharding_types`` (e.g. ``["table_wise"]``)
-    restricts every table to those types and to the fused kernel, which makes the plan
-    predictable. On CPU, ``row_wise`` needs a sharder that declares it (TorchRec's CPU
-    sharders do not), so pass the other types there.
+    restricts every table to those types and to the fused kernel (``data_parallel`` keeps the
+    dense kernel, the only one it has), which makes the plan predictable.
     """
+    unknown = set(sharding_types or ()) - set(SHARDING_TYPES)
+    if unknown:
+        raise ValueError(f"unknown sharding types {sorted(unknown)}; choose from {SHARDING_TYPES}")
     _apply_optimizer_in_backward(
         RowWiseAdagrad,
         model.embedding_bag_collection.parameters(),
@@ -62,13 +86,14 @@ def shard_model(
             compute_device=device.type,
             pod_size=get_topology_domain_multiple(),
         )
-        constraint = ParameterConstraints(
-            sharding_types=list(sharding_types), compute_kernels=[EmbeddingComputeKernel.FUSED.value]
-        )
+        kernels = [EmbeddingComputeKernel.FUSED.value]
+        if "data_parallel" in sharding_types:
+            kernels.append(EmbeddingComputeKernel.DENSE.value)
+        constraint = ParameterConstraints(sharding_types=list(sharding_types), compute_kernels=kernels)
         tables = [table.name for table in model.embedding_bag_collection.embedding_bag_configs()]
         planner = EmbeddingShardingPlanner(topology=topology, constraints=dict.fromkeys(tables, constraint))
-        plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, device=device, plan=plan)
+        plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
 
 
 def combined_optimizer(

@@ -1,0 +1,60 @@
+"""Training settings: a typed dataclass, read from the `[train]` table of the same TOML file as
+the model (`gpurec/model/configs/default.toml`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpurec.model.config import ModelConfig, load_model_config
+from gpurec.model.sharded import SHARDING_TYPES
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "default.toml"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 2048  # per rank; the global batch is batch_size * world_size
+    max_steps: int = 0  # stop after this many steps (0: run all epochs)
+    dense_lr: float = 0.02  # Adagrad on the MLPs and heads
+    sparse_lr: float = 0.05  # RowWiseAdagrad fused into the embedding backward
+    seed: int = 0  # model init and data order
+    sharding: str = "auto"  # "auto" (TorchRec's planner) or one of SHARDING_TYPES for every table
+    rows_per_id: int = 4  # table rows = rows_per_id x the manifest's id-cardinality estimate ...
+    min_rows: int = 64  # ... at least this, at most the model config's default_num_embeddings
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end of each epoch)
+    log_every: int = 20
+    device: str = "auto"  # auto | cpu | cuda
+    prefetch: int = 4  # batches read ahead by the background loader thread
+
+    def __post_init__(self) -> None:
+        if self.sharding != "auto" and self.sharding not in SHARDING_TYPES:
+            raise ValueError(f"sharding must be 'auto' or one of {SHARDING_TYPES}, got {self.sharding!r}")
+        for name in ("epochs", "batch_size", "rows_per_id", "min_rows", "log_every", "prefetch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train config {name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ValueError(f"unknown key {key!r} in train config (known keys: {', '.join(known)})")
+        return cls(**values)
+
+
+def load_configs(path: str | Path | None = None, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
+    """The `[model]` and `[train]` tables of a TOML file (the default one if None), then overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    model = load_model_config(path)
+    with path.open("rb") as f:
+        train_values = tomllib.load(f).get("train", {})
+    train_values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return model, TrainConfig.from_dict(train_values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err

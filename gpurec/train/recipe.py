@@ -1,0 +1,198 @@
+"""The training recipe: preprocessed features in, a sharded multi-task DLRM checkpoint out.
+
+Read it top to bottom: join the process group, read the manifest, build the model with its
+embedding tables on `meta`, fuse RowWiseAdagrad into the tables and shard them with
+DistributedModelParallel, resume from the latest checkpoint if there is one, then the loop.
+Runs the same as one process, under `torchrun --nproc_per_node N` on CPU (gloo), and on GPU
+nodes (NCCL), where only the device differs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gpurec.embedding.modulo import ModuloRemap
+from gpurec.model.config import ModelConfig, SparseFeatureSpec
+from gpurec.model.dlrm import MultiTaskDLRM, build_model, task_losses
+from gpurec.model.sharded import combined_optimizer, shard_model
+from gpurec.preprocess.manifest import Manifest, load_manifest
+from gpurec.train.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from gpurec.train.config import TrainConfig
+from gpurec.train.data import LoaderConfig, ParquetBatches
+from gpurec.train.distributed import DistContext, all_reduce_mean, init_distributed
+from gpurec.train.metrics_log import MetricsLog
+
+
+def sparse_specs(manifest: Manifest, model_config: ModelConfig, train_config: TrainConfig) -> list[SparseFeatureSpec]:
+    """One table per sparse feature, sized from the manifest's cardinality estimate.
+
+    Explicit `num_embeddings` in the model config win; otherwise rows_per_id x the estimate
+    (fewer collisions under modulo hashing), between min_rows and default_num_embeddings.
+    """
+    sizes = {}
+    for feature in manifest.sparse_features:
+        estimate = feature.cardinality_estimate or model_config.default_num_embeddings
+        sizes[feature.name] = min(
+            model_config.default_num_embeddings, max(train_config.min_rows, train_config.rows_per_id * estimate)
+        )
+    sizes.update(model_config.num_embeddings)
+    config = ModelConfig(**{**asdict(model_config), "num_embeddings": sizes})
+    multi = [f.name for f in manifest.sparse_features if f.multi_valued]
+    return config.sparse_specs([f.name for f in manifest.sparse_features], multi_valued=multi)
+
+
+def build_ranker(
+    model_config: ModelConfig, specs: list[SparseFeatureSpec], num_dense: int, seed: int, device: str = "cpu"
+) -> MultiTaskDLRM:
+    """The unsharded model with seeded initial weights (the same on every rank and world size)."""
+    torch.manual_seed(seed)
+    return build_model(model_config, specs, num_dense, device=device)
+
+
+def labels_by_task(labels: torch.Tensor, names: list[str], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    column = {name: i for i, name in enumerate(names)}
+    missing = [t for t in tasks if t not in column]
+    if missing:
+        raise ValueError(f"model tasks {missing} have no label column in the manifest (labels: {names})")
+    return {task: labels[:, column[task]] for task in tasks}
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) and return a summary: steps, samples, final loss, samples/s, wait time."""
+    ctx: DistContext = init_distributed(train_config.device)
+    out_dir = Path(out_dir)
+    manifest = load_manifest(data_dir)
+    specs = sparse_specs(manifest, model_config, train_config)
+    num_dense = len(manifest.dense_features)
+
+    # Seeded init on CPU, then loaded into the sharded model: every world size starts from the
+    # same weights, so a 2-rank run can be compared step by step with a 1-rank run.
+    initial = build_ranker(model_config, specs, num_dense, train_config.seed).state_dict()
+    model = build_model(model_config, specs, num_dense, device="meta")
+    sharding = None if train_config.sharding == "auto" else [train_config.sharding]
+    sharded = shard_model(model, ctx.device, sparse_lr=train_config.sparse_lr, sharding_types=sharding)
+    sharded.load_state_dict(initial)
+    del initial
+    optimizer = combined_optimizer(sharded, lambda params: torch.optim.Adagrad(params, lr=train_config.dense_lr))
+    remap = ModuloRemap({s.name: s.num_embeddings for s in specs})
+
+    state = TrainerState(
+        extra={
+            "model_config": asdict(model_config),
+            "train_config": asdict(train_config),
+            "sparse_specs": [asdict(s) for s in specs],
+            "num_dense": num_dense,
+            "labels": manifest.label_names,
+            "data_dir": str(Path(data_dir).resolve()),
+            "world_size": ctx.world_size,
+        }
+    )
+    resume_from = latest_checkpoint(out_dir)
+    if resume_from is not None:
+        extra = state.extra
+        state = load_checkpoint(resume_from, sharded, optimizer)
+        state.extra = {**extra, "resumed_from": str(resume_from)}
+
+    loader = ParquetBatches(
+        manifest.split_files("train", data_dir),
+        manifest,
+        LoaderConfig(batch_size=train_config.batch_size, seed=train_config.seed, prefetch=train_config.prefetch),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    log = MetricsLog(out_dir, enabled=ctx.is_main)
+    total_steps = train_config.max_steps or train_config.epochs * len(loader)
+    bar = _progress_bar(total_steps, state.step, enabled=progress and ctx.is_main)
+    started, first_step, last_loss = time.perf_counter(), state.step, float("nan")
+
+    sharded.train()
+    while state.epoch < train_config.epochs and state.step < total_steps:
+        loader.set_epoch(state.epoch, start_batch=state.batch)
+        for batch in loader:
+            batch = batch.to(ctx.device, non_blocking=True)
+            logits = sharded(batch.dense_features, remap(batch.sparse_features))
+            per_task = task_losses(logits, labels_by_task(batch.labels, manifest.label_names, model_config.tasks))
+            loss = torch.stack(list(per_task.values())).sum()  # = multi_task_loss, keeping the parts to log
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            state.batch += 1
+            state.samples += loader.global_batch
+            if state.step % train_config.log_every == 0 or state.step == total_steps:
+                losses = all_reduce_mean(torch.stack([loss, *per_task.values()]))
+                last_loss = float(losses[0])
+                rate = (state.step - first_step) * loader.global_batch / (time.perf_counter() - started)
+                record = {"step": state.step, "epoch": state.epoch, "loss": last_loss, "samples_per_s": rate}
+                record.update({f"loss_{t}": float(v) for t, v in zip(per_task, losses[1:], strict=True)})
+                record["data_wait_s"] = loader.wait_seconds
+                log.write(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+            bar.update(1)
+            if train_config.checkpoint_every and state.step % train_config.checkpoint_every == 0:
+                save_checkpoint(out_dir, sharded, optimizer, state)
+            if state.step >= total_steps:
+                break
+        else:
+            state.epoch, state.batch = state.epoch + 1, 0
+    bar.close()
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None or read_trainer_state(checkpoint).step != state.step:
+        checkpoint = save_checkpoint(out_dir, sharded, optimizer, state)
+    seconds = time.perf_counter() - started
+    summary = {
+        "steps": state.step,
+        "samples": state.samples,
+        "loss": last_loss,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round((state.step - first_step) * loader.global_batch / max(seconds, 1e-9)),
+        "data_wait_s": round(loader.wait_seconds, 3),
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "checkpoint": str(checkpoint),
+    }
+    log.close()
+    if ctx.is_main:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRemap, TrainerState]:
+    """An unsharded CPU copy of a trained model, for evaluation and export (no process group needed).
+
+    `checkpoint` is a checkpoint directory or a training run directory (its latest checkpoint).
+    """
+    path = latest_checkpoint(checkpoint)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint} (expected checkpoints/latest or trainer.json)")
+    state = read_trainer_state(path)
+    extra = state.extra
+    model_config = ModelConfig(**extra["model_config"])
+    specs = [SparseFeatureSpec(**spec) for spec in extra["sparse_specs"]]
+    model = build_ranker(model_config, specs, extra["num_dense"], seed=0)
+    load_checkpoint(path, model)
+    model.eval()
+    return model, ModuloRemap({s.name: s.num_embeddings for s in specs}), state
