@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from gpurec.data import logs
 from gpurec.data.calibration import compute_stats, report
@@ -69,10 +70,14 @@ def generate_synthetic(config: WorldConfig, out: Path, progress: bool = False) -
     for day in days:
         day_logs = simulate_day(world, day, request_id)
         request_id = next_request_id_after(day_logs, request_id)
-        name = logs.day_of(world.start_ms + day * 86_400_000)
-        for log in ("impressions", "oracle"):
-            logs.write_day(getattr(day_logs, log), out, log, name)
-        logs.write_by_day(day_logs.actions, out, "actions")  # late actions land on the next day
+        # Sessions that cross midnight put impressions (and their oracle rows) on the next day, and
+        # late actions too: every log is partitioned by its own timestamp, as the schema says.
+        impression_days = pc.strftime(day_logs.impressions["ts"], format="%Y-%m-%d")
+        for name in pc.unique(impression_days).to_pylist():
+            on_day = pc.equal(impression_days, name)
+            for log in ("impressions", "oracle"):
+                logs.write_day(getattr(day_logs, log).filter(on_day), out, log, name)
+        logs.write_by_day(day_logs.actions, out, "actions")
         actions = day_logs.actions
         columns["watch"].append(actions["watch_ms"].to_numpy())
         for flag in ("like", "share", "comment", "follow"):
