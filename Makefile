@@ -7,7 +7,7 @@ STAMP := $(VENV)/.gpurec-setup
 REQUIREMENTS := pyproject.toml requirements/cpu.txt requirements/torchrec.txt requirements/data.txt requirements/dev.txt
 DEMO := runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-movielens test lint bench clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,22 @@ $(STAMP): $(REQUIREMENTS)
 	$(PIP) install --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# The whole pipeline on the embedded default world; each stage writes under $(DEMO)/.
 demo: setup
+	rm -rf $(DEMO)
 	$(BIN)/gpurec generate --out $(DEMO)/raw --users 2000 --items 5000 --days 7 --seed 7
 	$(BIN)/gpurec preprocess --input $(DEMO)/raw --out $(DEMO)/features
-	@echo "demo: outputs under $(DEMO)/ (raw logs, features + manifest.json)"
+	$(BIN)/gpurec train --data $(DEMO)/features --out $(DEMO)/train
+	$(BIN)/gpurec evaluate --checkpoint $(DEMO)/train --data $(DEMO)/features
+	@echo "demo: raw logs, features + manifest, checkpoints + metrics under $(DEMO)/"
+
+# The same pipeline on MovieLens-100K (the copy inside the recbole wheel; never committed).
+demo-movielens: setup
+	rm -rf runs/movielens
+	$(BIN)/gpurec generate --dataset movielens-100k --out runs/movielens/raw
+	$(BIN)/gpurec preprocess --input runs/movielens/raw --out runs/movielens/features
+	$(BIN)/gpurec train --data runs/movielens/features --out runs/movielens/train --config gpurec/model/configs/movielens.toml
+	$(BIN)/gpurec evaluate --checkpoint runs/movielens/train --data runs/movielens/features
 
 lint: setup
 	$(BIN)/ruff check gpurec tests bench kernels
@@ -33,6 +45,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

@@ -104,7 +104,7 @@ def test_every_rating_is_recoverable(tables, source) -> None:
     back = joined.select(
         "user_id",
         "item_id",
-        rating=(pl.col("watch_ms") * 5 / movielens.DURATION_MS),
+        rating=(pl.col("watch_ms") * 5 / movielens.DURATION_MS).round(6),
         ts_s=pl.col("ts_imp").dt.epoch("s"),
     )
     assert sorted(back.iter_rows()) == sorted(source)
@@ -181,3 +181,19 @@ def test_read_users_keeps_demographics() -> None:
     users = movielens.read_users()
     assert users.height == 943
     assert set(users["gender"]) == {"M", "F"} and users["age"].min() > 0
+
+
+def test_preprocessed_movielens_keeps_every_label(tmp_path):
+    """Every converted row passes validation and reaches the features with its label."""
+    from gpurec.preprocess.manifest import load_manifest
+    from gpurec.preprocess.run import preprocess
+
+    movielens.convert_movielens_100k(tmp_path / "raw")
+    summary = preprocess(tmp_path / "raw", tmp_path / "features", engine="cpu")
+    assert sum(summary.rejected.values()) == 0
+    manifest = load_manifest(tmp_path / "features")
+    assert sum(info.rows for info in manifest.splits.values()) == 100_000
+    features = pl.concat(
+        [pl.read_parquet(f) for split in manifest.splits for f in manifest.split_files(split, tmp_path / "features")]
+    )
+    assert features["like"].mean() == pytest.approx(0.5537, abs=1e-4)

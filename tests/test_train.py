@@ -99,3 +99,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_configs(bad)
     with pytest.raises(ValueError, match="sharding"):
         TrainConfig(sharding="diagonal")
+
+
+def test_shipped_configs_load_and_default_matches_the_dataclass():
+    from gpurec.model.config import ModelConfig
+    from gpurec.train.config import DEFAULT_CONFIG
+
+    assert load_configs(DEFAULT_CONFIG) == (ModelConfig(), TrainConfig())
+    model, train_config = load_configs(DEFAULT_CONFIG.parent / "movielens.toml")
+    assert model.embedding_dim == 16 and train_config.sparse_lr == 0.01

@@ -65,6 +65,26 @@ class CrossInteraction(nn.Module):
         return self.crossnet(torch.cat([dense_embedding, *sparse_embeddings], dim=1))
 
 
+class DenseNormalization(nn.Module):
+    """Fixed standardisation of the dense inputs, ``(x - mean) / std`` with the train split's moments.
+
+    Buffers, not parameters: they are part of the state dict, so checkpoints and exported models
+    scale serving inputs exactly as training did, and no optimizer touches them.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | None = None) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"dense normalization: {len(mean)} means but {len(std)} stds")
+        if any(s <= 0 for s in std):
+            raise ValueError("dense normalization: every std must be positive")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32, device=device))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(list(std), dtype=torch.float32, device=device))
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return (dense - self.mean) * self.inv_std
+
+
 class MultiTaskDLRM(nn.Module):
     """DLRM with a shared trunk and one logit per task.
 
@@ -79,6 +99,8 @@ class MultiTaskDLRM(nn.Module):
         num_dense: int,
         config: ModelConfig,
         dense_device: torch.device | None = None,
+        dense_mean: Sequence[float] | None = None,
+        dense_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         tables = embedding_bag_collection.embedding_bag_configs()
@@ -89,6 +111,11 @@ class MultiTaskDLRM(nn.Module):
         dense_dim = config.bottom_mlp[-1]
 
         self.embedding_bag_collection = embedding_bag_collection
+        self.dense_normalization = DenseNormalization(
+            [0.0] * num_dense if dense_mean is None else dense_mean,
+            [1.0] * num_dense if dense_std is None else dense_std,
+            dense_device,
+        )
         self.bottom_mlp = MLP(num_dense, list(config.bottom_mlp), activation="relu", device=dense_device)
         if config.interaction == "dot":
             if any(dim != dense_dim for dim in embedding_dims):
@@ -108,7 +135,7 @@ class MultiTaskDLRM(nn.Module):
         self.score_weights: dict[str, float] = {task: float(w) for task, w in config.score_weights.items()}
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        dense_embedding = self.bottom_mlp(dense)
+        dense_embedding = self.bottom_mlp(self.dense_normalization(dense))
         # Select by name: a sharded collection may return its features in another order.
         pooled = self.embedding_bag_collection(sparse).to_dict()
         sparse_embeddings = [pooled[name] for name in self.sparse_feature_names]
@@ -150,6 +177,8 @@ def build_model(
     sparse_specs: Sequence[SparseFeatureSpec],
     num_dense: int,
     device: torch.device | str = "cpu",
+    dense_mean: Sequence[float] | None = None,
+    dense_std: Sequence[float] | None = None,
 ) -> MultiTaskDLRM:
     """Build the ranker with one embedding table per sparse feature.
 
@@ -179,4 +208,4 @@ def build_model(
     ]
     dense_device = torch.device("cpu") if device.type == "meta" else device
     embedding_bag_collection = EmbeddingBagCollection(tables=tables, device=device)
-    return MultiTaskDLRM(embedding_bag_collection, num_dense, config, dense_device)
+    return MultiTaskDLRM(embedding_bag_collection, num_dense, config, dense_device, dense_mean, dense_std)

@@ -32,11 +32,23 @@ class SplitInfo:
     ts_min: str | None = None
     ts_max: str | None = None
     files: list[str] = field(default_factory=list)
+    # Per dense column [count, sum, sum of squares]: mergeable across days and shards, and what the
+    # model's fixed input normalisation is computed from (train split).
+    dense_moments: dict[str, list[float]] = field(default_factory=dict)
 
-    def add_day(self, day: str, rows: int, ts_min: str | None, ts_max: str | None, file: str) -> None:
+    def add_day(
+        self,
+        day: str,
+        rows: int,
+        ts_min: str | None,
+        ts_max: str | None,
+        file: str,
+        moments: dict[str, list[float]] | None = None,
+    ) -> None:
         self.rows += rows
         self.days.append(day)
         self.files.append(file)
+        self.dense_moments = _add_moments(self.dense_moments, moments or {})
         if ts_min is not None:
             self.ts_min = ts_min if self.ts_min is None else min(self.ts_min, ts_min)
         if ts_max is not None:
@@ -54,7 +66,12 @@ class SplitInfo:
             ts_min=min(lows) if lows else None,
             ts_max=max(highs) if highs else None,
             files=[files[i] for i in order],
+            dense_moments=_add_moments(self.dense_moments, other.dense_moments),
         )
+
+
+def _add_moments(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {c: [x + y for x, y in zip(a.get(c, [0.0] * 3), b.get(c, [0.0] * 3), strict=True)] for c in {*a, *b}}
 
 
 @dataclass
@@ -101,6 +118,22 @@ class Manifest:
     @property
     def label_names(self) -> list[str]:
         return list(self.labels)
+
+    def dense_normalization(self, split: str = "train") -> tuple[list[float], list[float]]:
+        """Mean and standard deviation of each dense feature over `split`, in model input order.
+
+        The model subtracts and divides by these as fixed buffers, so serving scales its inputs
+        exactly like training did. A constant feature gets std 1 (it is only centred).
+        """
+        moments = self.splits[split].dense_moments if split in self.splits else {}
+        means, stds = [], []
+        for column in self.dense_order:
+            count, total, total_sq = moments.get(column, [0.0, 0.0, 0.0])
+            mean = total / count if count else 0.0
+            variance = max(total_sq / count - mean * mean, 0.0) if count else 1.0
+            means.append(mean)
+            stds.append(variance**0.5 if variance > 1e-12 else 1.0)
+        return means, stds
 
     def split_files(self, split: str, root: str | Path) -> list[Path]:
         """Absolute paths of a split's files, in day order (root: the directory holding the manifest)."""

@@ -153,14 +153,26 @@ def _source(input_dir: Path, days: list[str]) -> dict[str, Any]:
     }
 
 
-def _write_day(features: pl.DataFrame, out: Path, split: str, day: str) -> tuple[str, int, str | None, str | None]:
-    """Write one day's features; (relative path, rows, ts_min, ts_max)."""
+def _dense_moments(features: pl.DataFrame) -> dict[str, list[float]]:
+    """[count, sum, sum of squares] per dense column (float64 sums: exact enough to merge)."""
+    columns = [f.column for f in DENSE_FEATURES]
+    sums = features.select(
+        *[pl.col(c).cast(pl.Float64).sum().alias(f"{c}:s") for c in columns],
+        *[(pl.col(c).cast(pl.Float64) ** 2).sum().alias(f"{c}:q") for c in columns],
+    ).row(0, named=True)
+    return {c: [float(features.height), sums[f"{c}:s"], sums[f"{c}:q"]] for c in columns}
+
+
+def _write_day(
+    features: pl.DataFrame, out: Path, split: str, day: str
+) -> tuple[str, int, str | None, str | None, dict[str, list[float]]]:
+    """Write one day's features; (relative path, rows, ts_min, ts_max, dense moments)."""
     relative = Path(split) / f"day={day}" / "part-00000.parquet"
     path = out / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     features.write_parquet(path, compression="zstd", compression_level=ZSTD_LEVEL)
     ts = features["ts"]
-    return str(relative), features.height, _iso(ts.min()), _iso(ts.max())
+    return str(relative), features.height, _iso(ts.min()), _iso(ts.max()), _dense_moments(features)
 
 
 def preprocess(
@@ -272,8 +284,8 @@ def _process_days(
         return splits, excluded
 
     def record(day: str, written: Future) -> None:
-        file, rows, ts_min, ts_max = written.result()
-        splits[assignment[day]].add_day(day, rows, ts_min, ts_max, file)
+        file, rows, ts_min, ts_max, moments = written.result()
+        splits[assignment[day]].add_day(day, rows, ts_min, ts_max, file, moments)
         log.info("preprocess: %s -> %s (%d rows)", day, assignment[day], rows)
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess-io") as pool:

@@ -31,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Quiet defaults for the noisy parts of the stack, before they are imported.
+    # Quiet the noisy parts of the stack before they are imported.
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+    from gpurec.train.distributed import quiet_library_warnings
+
+    quiet_library_warnings()
     from gpurec.train.config import load_configs
     from gpurec.train.recipe import train
 

@@ -17,11 +17,11 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 2048  # per rank; the global batch is batch_size * world_size
+    epochs: int = 2
+    batch_size: int = 512  # per rank; the global batch is batch_size * world_size
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     dense_lr: float = 0.02  # Adagrad on the MLPs and heads
-    sparse_lr: float = 0.05  # RowWiseAdagrad fused into the embedding backward
+    sparse_lr: float = 0.2  # RowWiseAdagrad fused into the embedding backward
     seed: int = 0  # model init and data order
     sharding: str = "auto"  # "auto" (TorchRec's planner) or one of SHARDING_TYPES for every table
     rows_per_id: int = 4  # table rows = rows_per_id x the manifest's id-cardinality estimate ...

@@ -67,3 +67,16 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def quiet_library_warnings() -> None:
+    """Silence the torch/torchrec/fbgemm stack's warnings about its own internals (deprecations,
+    planner heuristics), which would otherwise bury the command's output. Errors still show."""
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)

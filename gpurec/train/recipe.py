@@ -10,6 +10,7 @@ nodes (NCCL), where only the device differs.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,11 +54,16 @@ def sparse_specs(manifest: Manifest, model_config: ModelConfig, train_config: Tr
 
 
 def build_ranker(
-    model_config: ModelConfig, specs: list[SparseFeatureSpec], num_dense: int, seed: int, device: str = "cpu"
+    model_config: ModelConfig,
+    specs: list[SparseFeatureSpec],
+    dense_stats: tuple[list[float], list[float]],
+    seed: int,
+    device: str = "cpu",
 ) -> MultiTaskDLRM:
     """The unsharded model with seeded initial weights (the same on every rank and world size)."""
     torch.manual_seed(seed)
-    return build_model(model_config, specs, num_dense, device=device)
+    mean, std = dense_stats
+    return build_model(model_config, specs, len(mean), device=device, dense_mean=mean, dense_std=std)
 
 
 def labels_by_task(labels: torch.Tensor, names: list[str], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -80,12 +86,13 @@ def train(
     out_dir = Path(out_dir)
     manifest = load_manifest(data_dir)
     specs = sparse_specs(manifest, model_config, train_config)
-    num_dense = len(manifest.dense_features)
+    dense_stats = manifest.dense_normalization("train")
+    num_dense = len(dense_stats[0])
 
     # Seeded init on CPU, then loaded into the sharded model: every world size starts from the
     # same weights, so a 2-rank run can be compared step by step with a 1-rank run.
-    initial = build_ranker(model_config, specs, num_dense, train_config.seed).state_dict()
-    model = build_model(model_config, specs, num_dense, device="meta")
+    initial = build_ranker(model_config, specs, dense_stats, train_config.seed).state_dict()
+    model = build_ranker(model_config, specs, dense_stats, train_config.seed, device="meta")
     sharding = None if train_config.sharding == "auto" else [train_config.sharding]
     sharded = shard_model(model, ctx.device, sparse_lr=train_config.sparse_lr, sharding_types=sharding)
     sharded.load_state_dict(initial)
@@ -144,7 +151,7 @@ def train(
                 record.update({f"loss_{t}": float(v) for t, v in zip(per_task, losses[1:], strict=True)})
                 record["data_wait_s"] = loader.wait_seconds
                 log.write(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if train_config.checkpoint_every and state.step % train_config.checkpoint_every == 0:
                 save_checkpoint(out_dir, sharded, optimizer, state)
@@ -177,7 +184,9 @@ def train(
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    # In a log file (CI, nohup) redraw rarely instead of ten times a second.
+    interval = 0.1 if sys.stderr.isatty() else 15.0
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, mininterval=interval)
 
 
 def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRemap, TrainerState]:
@@ -192,7 +201,9 @@ def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRem
     extra = state.extra
     model_config = ModelConfig(**extra["model_config"])
     specs = [SparseFeatureSpec(**spec) for spec in extra["sparse_specs"]]
-    model = build_ranker(model_config, specs, extra["num_dense"], seed=0)
+    num_dense = extra["num_dense"]
+    # Normalisation buffers start neutral and are overwritten by the checkpoint's values.
+    model = build_ranker(model_config, specs, ([0.0] * num_dense, [1.0] * num_dense), seed=0)
     load_checkpoint(path, model)
     model.eval()
     return model, ModuloRemap({s.name: s.num_embeddings for s in specs}), state
