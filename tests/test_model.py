@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchrec.fx import symbolic_trace
@@ -14,6 +13,7 @@ from gpurec.embedding.modulo import ModuloRemap
 from gpurec.model.config import ModelConfig, SparseFeatureSpec, load_model_config
 from gpurec.model.dlrm import build_model, combine_task_scores, multi_task_loss
 from gpurec.model.sharded import combined_optimizer, shard_model
+from gpurec.train.distributed import init_distributed
 
 DEFAULT_TOML = Path(__file__).resolve().parents[1] / "gpurec" / "model" / "configs" / "default.toml"
 FEATURES = ["user_id", "item_id", "hashtags"]
@@ -182,10 +182,9 @@ def test_meta_build_keeps_dense_layers_on_cpu():
 
 
 @pytest.fixture
-def single_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+def single_process_group():
+    """A world of one (gloo), or the one an earlier in-process training run already created."""
+    init_distributed("cpu")
 
 
 def table_weight(sharded: torch.nn.Module, table: str) -> torch.Tensor:
