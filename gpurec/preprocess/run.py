@@ -51,6 +51,10 @@ log = logging.getLogger("gpurec.preprocess")
 WORLD_FILE = "world.json"
 # zstd level 1 writes ~1.7x faster than the default level for ~9% larger files (random 64-bit ids do
 # not compress anyway); the trainer reads each file once per epoch, the writer is on the hot path.
+# Measured on one 674k-row day (CPU ms to write / MB / CPU ms to read): zstd-1 265 / 32.7 / 101,
+# zstd-3 445 / 30.0 / 115, lz4 240 / 39.4 / 64, snappy 248 / 38.4 / 77, none 184 / 57.8 / 49.
+# lz4 would save ~10% of the write and read faster, for 20% more disk and network per epoch; most of
+# the write is encoding, not compression, so zstd-1 stays.
 ZSTD_LEVEL = 1
 DIMENSION_LOGS = ("users", "items")
 ASSUMPTIONS = (
