@@ -13,8 +13,9 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+_Config = TypeVar("_Config")
 Pooling = Literal["sum", "mean"]
 Interaction = Literal["dot", "dcn"]
 
@@ -145,11 +146,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
         """Build a config from a parsed mapping, rejecting keys that are not fields."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                raise ValueError(f"unknown key {key!r} in model config (known keys: {', '.join(known)})")
-        return cls(**values)
+        return dataclass_from_mapping(cls, values, "model")
+
+
+def dataclass_from_mapping(cls: type[_Config], values: Mapping[str, Any], section: str) -> _Config:
+    """`cls(**values)`, but a key that is not a field is an error naming it, so a typo in a config
+    file cannot silently fall back to a default."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            raise ValueError(f"unknown key {key!r} in {section} config (known keys: {', '.join(known)})")
+    return cls(**values)
 
 
 def load_model_config(path: str | Path, section: str = "model") -> ModelConfig:

@@ -3,13 +3,12 @@ the model (`gpurec/model/configs/default.toml`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpurec.model.config import ModelConfig, load_model_config
+from gpurec.model.config import ModelConfig, dataclass_from_mapping, load_model_config
 from gpurec.model.sharded import SHARDING_TYPES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "default.toml"
@@ -40,11 +39,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                raise ValueError(f"unknown key {key!r} in train config (known keys: {', '.join(known)})")
-        return cls(**values)
+        return dataclass_from_mapping(cls, values, "train")
 
 
 def load_configs(path: str | Path | None = None, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
