@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 STAMP := $(VENV)/.gpurec-setup
-REQUIREMENTS := pyproject.toml requirements/cpu.txt requirements/torchrec.txt requirements/data.txt requirements/dev.txt
+REQUIREMENTS := pyproject.toml requirements/cpu.txt requirements/torchrec.txt requirements/data.txt requirements/dev.txt requirements/serve.txt
 DEMO := runs/demo
 
 .PHONY: setup demo demo-movielens test lint bench clean
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): $(REQUIREMENTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setup: installing the pinned CPU stack into $(VENV) (about a minute the first time)"
-	$(PIP) install -r requirements/cpu.txt -r requirements/dev.txt
+	$(PIP) install -r requirements/cpu.txt -r requirements/dev.txt -r requirements/serve.txt
 	$(PIP) install --no-deps -r requirements/torchrec.txt -r requirements/data.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
@@ -38,7 +38,7 @@ demo-movielens: setup
 	$(BIN)/gpurec evaluate --checkpoint runs/movielens/train --data runs/movielens/features
 
 lint: setup
-	$(BIN)/ruff check gpurec tests bench kernels
+	$(BIN)/ruff check gpurec tests bench kernels triton_models
 
 test: setup lint
 	$(BIN)/pytest

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("gpurec.preprocess.command", "turn logs into training features + manifest (Polars, CPU or GPU)"),
     "train": ("gpurec.train.command", "train the multi-task DLRM on sharded TorchRec tables (torchrun-ready)"),
     "evaluate": ("gpurec.train.evaluate_command", "score a checkpoint vs popularity, logistic regression and the oracle"),
+    "export": ("gpurec.serve.export_command", "write a trained checkpoint as a versioned Triton model repository"),
+    "serve": ("gpurec.serve.serve_command", "run Triton Inference Server on a model repository (loopback, Ctrl-C stops)"),
 }
 
 

@@ -1,0 +1,74 @@
+"""`gpurec serve`: run Triton Inference Server on a model repository until Ctrl-C or SIGTERM.
+
+    gpurec serve --repo runs/demo/repo                       # free loopback ports
+    gpurec serve --repo runs/demo/repo --http-port 8000 --grpc-port 8001 --metrics-port 8002
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, type=Path, help="model repository written by `gpurec export`")
+    parser.add_argument("--http-port", type=int, default=None, help="HTTP port (default: a free one)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: a free one)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind all endpoints to (default: loopback only)")
+    parser.add_argument("--log", type=Path, default=None, help="server log file (default: a temporary file, printed)")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
+    parser.add_argument("--verbose", action="store_true", help="verbose server log")
+    parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON object once ready")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpurec.serve.server import TritonServer, TritonServerError
+
+    server = TritonServer(
+        args.repo,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        log_path=args.log,
+        startup_timeout=args.timeout,
+        verbose=args.verbose,
+    )
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGINT too: a server started in the background of a script inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        endpoints = {"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url, "log": str(server.log_path), "pid": server.pid}
+        if args.json:
+            print(json.dumps(endpoints), flush=True)
+        else:
+            print(
+                f"tritonserver ready on {args.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+                f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)",
+                flush=True,
+            )
+        assert server.process is not None
+        code = server.process.wait()  # returns when the server dies on its own
+        print(f"gpurec serve: tritonserver exited with code {code}; log tail:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except TritonServerError as err:
+        print(f"gpurec serve: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gpurec serve: stopping tritonserver", file=sys.stderr)
+        code = server.stop()
+        if code != 0:
+            print(f"gpurec serve: tritonserver did not stop cleanly (exit code {code}); log tail:\n{server.log_tail()}", file=sys.stderr)
+        return 0 if code == 0 else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()

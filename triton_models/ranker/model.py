@@ -1,0 +1,109 @@
+"""Triton python-backend model `ranker`: scores candidate rows with the exported TorchScript ranker.
+
+`gpurec export` copies this file into `REPO/ranker/<version>/` next to `model.pt` (remap + DLRM
++ combined score, see gpurec/serve/artifact.py) and `contract.json`; `config.pbtxt` is generated.
+Self-contained on purpose (numpy, torch, fbgemm_gpu, the backend's utils; no gpurec import), so
+a model repository runs in any Triton image that has torch.
+
+Dynamic batching hands `execute` several requests at once: they are validated one by one (a bad
+request gets its own error response, the others are still served), concatenated, scored in one
+forward pass and split back. Inputs per row, in `contract.json` order: `dense` FP32 [D], one
+INT64 [1] per single-valued sparse feature, and each multi-valued feature as INT64 [K] padded
+with -1 (requests may use different K; they are padded to the widest). Outputs: FP32 [1] per task
+probability and `score`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        try:  # registers fbgemm's operators that the scripted KeyedJaggedTensor code calls
+            import fbgemm_gpu  # noqa: F401
+        except ImportError as err:
+            raise pb_utils.TritonModelException(f"ranker needs fbgemm_gpu (fbgemm-gpu or fbgemm-gpu-cpu): {err}") from err
+        self.torch = torch
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.contract = json.loads((version_dir / "contract.json").read_text())
+        if args.get("model_instance_kind") == "GPU":
+            self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
+        else:
+            self.device = torch.device("cpu")
+        self.module = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
+        self.num_dense = len(self.contract["dense_features"])
+        self.single = list(self.contract["sparse_features"])
+        self.multi = list(self.contract["multi_valued_features"])
+        self.outputs = [*self.contract["tasks"], "score"]
+        self.pad_id = int(self.contract["pad_id"])
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        parsed: list[tuple[int, dict[str, np.ndarray]]] = []
+        for i, request in enumerate(requests):
+            try:
+                parsed.append((i, self._read(request)))
+            except ValueError as err:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"ranker: {err}", pb_utils.TritonError.INVALID_ARG)
+                )
+        if parsed:
+            try:
+                scores = self._score([arrays for _, arrays in parsed])
+            except Exception as err:  # a failed forward pass fails these requests, not the server
+                error = pb_utils.TritonError(f"ranker: scoring failed: {type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
+                for i, _ in parsed:
+                    responses[i] = pb_utils.InferenceResponse(error=error)
+                return responses
+            start = 0
+            for i, arrays in parsed:
+                rows = arrays["dense"].shape[0]
+                tensors = [pb_utils.Tensor(name, scores[name][start : start + rows].reshape(rows, 1)) for name in self.outputs]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+                start += rows
+        return responses
+
+    def _read(self, request) -> dict[str, np.ndarray]:
+        """One request's inputs as numpy, checked beyond what Triton checks (shape agreement, finiteness)."""
+        arrays: dict[str, np.ndarray] = {}
+        for name in ["dense", *self.single, *self.multi]:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input {name!r}")
+            arrays[name] = tensor.as_numpy()
+        dense = arrays["dense"]
+        if dense.ndim != 2 or dense.shape[1] != self.num_dense:
+            raise ValueError(f"'dense' must be [rows, {self.num_dense}] float32, got {list(dense.shape)}")
+        rows = dense.shape[0]
+        for name in self.single:
+            if arrays[name].shape != (rows, 1):
+                raise ValueError(f"{name!r} must be [{rows}, 1] int64, got {list(arrays[name].shape)}")
+        for name in self.multi:
+            if arrays[name].ndim != 2 or arrays[name].shape[0] != rows:
+                raise ValueError(f"{name!r} must be [{rows}, K] int64 padded with {self.pad_id}, got {list(arrays[name].shape)}")
+        if not np.isfinite(dense).all():
+            raise ValueError("'dense' has NaN or infinite values")
+        return arrays
+
+    def _score(self, batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        dense = np.concatenate([a["dense"] for a in batch]).astype(np.float32, copy=False)
+        single = np.concatenate([np.concatenate([a[n] for n in self.single], axis=1) for a in batch]).astype(np.int64, copy=False)
+        multi = []
+        for name in self.multi:
+            width = max(1, *(a[name].shape[1] for a in batch))
+            padded = [np.pad(a[name], ((0, 0), (0, width - a[name].shape[1])), constant_values=self.pad_id) for a in batch]
+            multi.append(torch.from_numpy(np.concatenate(padded).astype(np.int64, copy=False)).to(self.device))
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(dense).to(self.device), torch.from_numpy(single).to(self.device), multi)
+        return {name: out[name].to("cpu", torch.float32).numpy() for name in self.outputs}
+
+    def finalize(self) -> None:
+        self.module = None
