@@ -157,7 +157,7 @@ def test_engine_gpu_without_cudf_polars_fails_with_install_hint(tmp_path: Path, 
     write_world(tmp_path / "logs", [user(U1)], [item(X)], [impression(1, START, U1, X)], [])
     code = main(["preprocess", "--input", str(tmp_path / "logs"), "--out", str(tmp_path / "out"), "--engine", "gpu"])
     assert code == 2
-    assert "pip install cudf-polars-cu12" in capsys.readouterr().err
+    assert "pip install cudf-polars-cu13" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

@@ -19,7 +19,7 @@ import polars as pl
 
 EngineName = Literal["auto", "cpu", "gpu"]
 ENGINES: tuple[str, ...] = ("auto", "cpu", "gpu")
-GPU_INSTALL_HINT = "pip install cudf-polars-cu12 (or the project's extra: pip install 'gpurec[gpu]')"
+GPU_INSTALL_HINT = "pip install cudf-polars-cu13==26.10.2 (or the project's extra: pip install 'gpurec[gpu]')"
 
 
 class EngineUnavailableError(RuntimeError):
