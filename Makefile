@@ -27,7 +27,10 @@ demo: setup
 	$(BIN)/gpurec preprocess --input $(DEMO)/raw --out $(DEMO)/features
 	$(BIN)/gpurec train --data $(DEMO)/features --out $(DEMO)/train
 	$(BIN)/gpurec evaluate --checkpoint $(DEMO)/train --data $(DEMO)/features
-	@echo "demo: raw logs, features + manifest, checkpoints + metrics under $(DEMO)/"
+	$(BIN)/gpurec export --checkpoint $(DEMO)/train --repo $(DEMO)/repo
+	@# Starts Triton on the repository, asks for 3 users' top 5 of 50 candidates, always stops it.
+	$(BIN)/gpurec recommend --repo $(DEMO)/repo --features $(DEMO)/features --users 3 --candidates 50 --k 5
+	@echo "demo: raw logs, features + manifest, checkpoints + metrics, Triton model repository under $(DEMO)/"
 
 # The same pipeline on MovieLens-100K (the copy inside the recbole wheel; never committed).
 demo-movielens: setup
@@ -46,6 +49,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("gpurec.train.evaluate_command", "score a checkpoint vs popularity, logistic regression and the oracle"),
     "export": ("gpurec.serve.export_command", "write a trained checkpoint as a versioned Triton model repository"),
     "serve": ("gpurec.serve.serve_command", "run Triton Inference Server on a model repository (loopback, Ctrl-C stops)"),
+    "recommend": ("gpurec.client.recommend_command", "ask Triton for users' top-k items through the client (starts a server if no --url)"),
 }
 
 

@@ -212,7 +212,7 @@ def hash_raw_features(contract: ServingContract, raw: Mapping[str, Sequence[Any]
     result has one int64 array per sparse input, shaped as the ranker expects. Dense features are
     not computed here: pass them as ``dense`` [rows, D] float32 next to these ids.
     """
-    from gpurec.data.hashing import hash_ids_np, hash_string  # numpy + hashlib at call time
+    from gpurec.data.hashing_core import hash_ids_np, hash_string  # numpy + hashlib, no Polars
 
     how = contract.raw_hashing or RAW_HASHING
     out: dict[str, np.ndarray] = {}

@@ -78,5 +78,6 @@ def quiet_library_warnings() -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    warnings.filterwarnings("ignore", message=".*TorchScript.*", category=UserWarning)
     for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)

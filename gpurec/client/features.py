@@ -1,0 +1,197 @@
+"""What a client request holds (a user and their candidates) and what comes back, as plain numpy.
+
+A request is one user's context plus N candidate items, by feature name, as in
+`gpurec.serve.contract.assemble_rows`: `user` maps each per-user feature to one value (``user_id``,
+``device``, ``hour``, ``user_like_rate``...), `candidates` maps each per-item feature to N values
+(``item_id``, ``hashtags`` as lists of ids, ``item_age_hours``...). Sparse values are hashed ids;
+`hash_raw` turns raw values (integer ids, strings) into them exactly as preprocessing does.
+Alternatively `candidates` may already be the model's input arrays (a mapping with a ``dense``
+key, e.g. from `rows_from_features`), with `user` empty.
+
+Everything here is checked on the client before anything is sent, so a bad request fails fast,
+with the feature named, as `InvalidRequest`, and never costs a round trip or a retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpurec.client.errors import InvalidRequest
+from gpurec.serve.contract import (
+    CONTRACT_FILE,
+    DENSE_INPUT,
+    RANKER_MODEL,
+    RAW_HASHING,
+    ContractError,
+    ServingContract,
+    assemble_rows,
+)
+
+Features = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """One user and their candidates, to be scored."""
+
+    user: Features
+    candidates: Features
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """One user, their candidates, how many to keep, and the ids to return for them.
+
+    `item_ids` are the caller's own ids of the candidates (returned for the top k); by default the
+    ``item_id`` values of `candidates`, i.e. the hashed ids.
+    """
+
+    user: Features
+    candidates: Features
+    k: int
+    item_ids: Sequence[int] | np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Scores of one user's candidates, in candidate order: per-task probabilities and the combined score."""
+
+    tasks: dict[str, np.ndarray]
+    score: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The top k of one user's candidates, best first: ids, combined scores, positions in the candidates."""
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+
+def load_contract(source: ServingContract | str | Path) -> ServingContract:
+    """A contract from itself, a `contract.json`, a model version directory, or a model repository
+    (then the newest version of `ranker`): the client validates against what the server was built with."""
+    if isinstance(source, ServingContract):
+        return source
+    path = Path(source)
+    ranker = path / RANKER_MODEL
+    if ranker.is_dir():
+        versions = sorted(int(p.name) for p in ranker.iterdir() if p.name.isdigit() and (p / CONTRACT_FILE).is_file())
+        if not versions:
+            raise FileNotFoundError(f"no version of {RANKER_MODEL!r} with a {CONTRACT_FILE} under {path}")
+        path = ranker / str(versions[-1])
+    try:
+        return ServingContract.load(path)
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise FileNotFoundError(f"cannot read a serving contract from {source}: {err}") from err
+
+
+def hash_raw(contract: ServingContract, values: Features, per_candidate: bool) -> dict[str, Any]:
+    """Hash the raw sparse values in `values` (user context, or candidates if `per_candidate`).
+
+    Sparse features take integer ids or strings as preprocessing saw them (``user_region="EU"``,
+    ``hashtags=[["cats", "dogs"], ...]``); dense features pass through unchanged.
+    """
+    from gpurec.data.hashing_core import hash_ids_np, hash_string
+
+    rules = contract.raw_hashing or RAW_HASHING
+    multi = set(contract.multi_valued_features)
+
+    def one(value: Any, name: str) -> int:
+        if rules.get(name) == "string":
+            if not isinstance(value, str):
+                raise InvalidRequest(f"feature {name!r} takes strings (raw), got {value!r}")
+            return hash_string(value, name)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InvalidRequest(f"feature {name!r} takes integer ids (raw), got {value!r}")
+        return int(hash_ids_np(np.asarray([value], dtype=np.int64), name)[0])
+
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in contract.sparse_features and name not in multi:
+            out[name] = value
+        elif name in multi:
+            out[name] = [[one(v, name) for v in row] for row in value] if per_candidate else [one(v, name) for v in value]
+        else:
+            out[name] = [one(v, name) for v in value] if per_candidate else one(value, name)
+    return out
+
+
+def build_rows(contract: ServingContract, user: Features | None, candidates: Features) -> dict[str, np.ndarray]:
+    """The model's input arrays for one request, checked against the contract (else `InvalidRequest`)."""
+    user = user or {}
+    if not isinstance(candidates, Mapping):
+        raise InvalidRequest(f"candidates must be a mapping of feature name to values, got {type(candidates).__name__}")
+    try:
+        if DENSE_INPUT in candidates:  # already the model's inputs: checked as they are, no conversion
+            if user:
+                raise InvalidRequest("pass either input arrays as candidates (with 'dense') and no user, or features by name")
+            rows = dict(candidates)
+        else:
+            _check_feature_values(contract, user, candidates)
+            rows = assemble_rows(contract, user, candidates)
+        contract.validate_rows(rows)
+    except ContractError as err:
+        raise InvalidRequest(f"invalid request: {err}") from err
+    except (TypeError, ValueError) as err:
+        if isinstance(err, InvalidRequest):
+            raise
+        raise InvalidRequest(f"invalid request: a feature value does not convert to its dtype: {err}") from err
+    return rows
+
+
+def _check_feature_values(contract: ServingContract, user: Features, candidates: Features) -> None:
+    """Refuse what `assemble_rows` would convert silently: non-integer ids, non-numeric dense values."""
+    if not candidates:
+        raise InvalidRequest("invalid request: no candidates (candidates has no features)")
+    multi = set(contract.multi_valued_features)
+    for source, values in (("user", user), ("candidates", candidates)):
+        for name, value in values.items():
+            if name in multi:
+                flat = [v for row in value for v in row] if source == "candidates" else list(value)
+                array = np.asarray(flat) if flat else np.zeros(0, np.int64)
+            else:
+                array = np.asarray(value)
+            if name in contract.dense_features:
+                ok = array.dtype.kind in "fiu"
+                expected = "numbers (float32)"
+            else:
+                ok = array.dtype.kind in "iu" or array.size == 0
+                expected = "hashed ids (int64; see gpurec.client.hash_raw for raw values)"
+            if not ok:
+                raise InvalidRequest(f"invalid request: {source} feature {name!r} takes {expected}, got dtype {array.dtype}")
+            if source == "candidates" and name not in multi and array.ndim != 1:
+                raise InvalidRequest(f"invalid request: candidate feature {name!r} must be 1-D (one value per candidate), got shape {list(array.shape)}")
+            if source == "user" and name not in multi and array.ndim != 0:
+                raise InvalidRequest(f"invalid request: user feature {name!r} must be one value, got shape {list(array.shape)}")
+
+
+def candidate_ids(rows: Mapping[str, np.ndarray], item_ids: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    """The ids `recommend` returns for the candidates: the caller's, else the rows' ``item_id``."""
+    n = rows[DENSE_INPUT].shape[0]
+    if item_ids is None:
+        if "item_id" not in rows:
+            raise InvalidRequest("invalid request: pass item_ids (the contract has no 'item_id' feature)")
+        return rows["item_id"].reshape(-1).astype(np.int64)
+    ids = np.asarray(item_ids)
+    if ids.dtype.kind not in "iu" or ids.shape != (n,):
+        raise InvalidRequest(f"invalid request: item_ids must be {n} integers (one per candidate), got {ids.dtype} {list(ids.shape)}")
+    return ids.astype(np.int64)
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise InvalidRequest(f"invalid request: k must be a positive integer, got {k!r}")
+    return int(k)

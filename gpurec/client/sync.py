@@ -1,0 +1,240 @@
+"""`RankerClient`: the blocking client, over HTTP or gRPC.
+
+    with RankerClient("127.0.0.1:8000", contract="runs/demo/repo") as client:
+        scores = client.rank(user, candidates)            # RankResult: .tasks["like"], .score
+        top = client.recommend(user, 5, candidates)       # Recommendation: .item_ids, .scores
+
+`rank_many` / `recommend_many` send many users' requests concurrently (up to `max_concurrency`
+in flight, through tritonclient's own async_infer), so the server's dynamic batcher can merge them.
+Use it as a context manager or call `close()`: Triton's shutdown waits on idle keep-alive HTTP
+connections, so a client left open holds a stopping server for its whole drain timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+
+from gpurec.client import _transport as tr
+from gpurec.client.errors import ClientError, ServerUnavailable
+from gpurec.client.features import (
+    Features,
+    RankRequest,
+    RankResult,
+    Recommendation,
+    RecommendRequest,
+    build_rows,
+    candidate_ids,
+    check_k,
+    load_contract,
+)
+from gpurec.serve.contract import DENSE_INPUT, RANKER_MODEL, RECOMMEND_MODEL, ServingContract
+
+T = TypeVar("T")
+
+
+class RankerClient:
+    """Blocking client of the `ranker` and `recommend` models of one Triton server.
+
+    `contract` is what the model was exported with (a `ServingContract`, its `contract.json`, a
+    version directory or the model repository): requests are checked against it before sending.
+    `timeout` bounds each call in seconds; a call that cannot reach the server is retried
+    `retries` times with exponential backoff (`backoff`, doubling) before `ServerUnavailable`.
+
+    One client per thread: tritonclient's HTTP client runs on gevent and works only on the thread
+    that created it (use `rank_many`, or `AsyncRankerClient`, for concurrency from one thread).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        contract: ServingContract | str | Path,
+        protocol: str = "http",
+        timeout: float = 10.0,
+        retries: int = 2,
+        backoff: float = 0.1,
+        max_concurrency: int = 8,
+        model_version: str = "",
+        ranker_model: str = RANKER_MODEL,
+        recommend_model: str = RECOMMEND_MODEL,
+    ) -> None:
+        self.url = tr.check_url(url)
+        self.protocol = tr.check_protocol(protocol)
+        self.contract = load_contract(contract)
+        self.timeout = float(timeout)
+        self.retry = tr.RetryPolicy(retries=retries, backoff=backoff)
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.model_version = str(model_version)
+        self.ranker_model = ranker_model
+        self.recommend_model = recommend_model
+        self._tensors = tr.tensors_module(self.protocol)
+        self._client = self._connect()
+
+    def _connect(self) -> Any:
+        if self.protocol == "http":
+            return self._tensors.InferenceServerClient(
+                self.url, concurrency=self.max_concurrency, connection_timeout=self.timeout, network_timeout=self.timeout
+            )
+        return self._tensors.InferenceServerClient(self.url)
+
+    # ---- one user ---------------------------------------------------------------------------
+
+    def rank(self, user: Features | None, candidates: Features) -> RankResult:
+        """Per-task probabilities and the combined score of each candidate, in candidate order."""
+        rows = build_rows(self.contract, user, candidates)
+        result = self._with_retries(self.ranker_model, lambda: self._infer(self.ranker_model, rows, self._rank_outputs()))
+        return tr.parse_rank(result, self.contract, rows[DENSE_INPUT].shape[0])
+
+    def recommend(
+        self, user: Features | None, k: int, candidates: Features, item_ids: Sequence[int] | np.ndarray | None = None
+    ) -> Recommendation:
+        """The top `k` candidates by combined score, best first (all of them, ranked, if k > N)."""
+        arrays = self._recommend_arrays(RecommendRequest(user or {}, candidates, k, item_ids))
+        result = self._with_retries(
+            self.recommend_model, lambda: self._infer(self.recommend_model, arrays, tr.recommend_outputs(self._tensors))
+        )
+        return tr.parse_recommend(result)
+
+    # ---- many users, concurrently -------------------------------------------------------------
+
+    def rank_many(self, requests: Sequence[RankRequest | tuple[Features, Features]]) -> list[RankResult]:
+        """`rank` for many users at once, results in request order; the first failure is raised."""
+        prepared = [build_rows(self.contract, *_pair(r)) for r in requests]
+        results = self._infer_many(self.ranker_model, prepared, self._rank_outputs)
+        return [tr.parse_rank(res, self.contract, rows[DENSE_INPUT].shape[0]) for res, rows in zip(results, prepared, strict=True)]
+
+    def recommend_many(self, requests: Sequence[RecommendRequest]) -> list[Recommendation]:
+        """`recommend` for many users at once, results in request order; the first failure is raised."""
+        prepared = [self._recommend_arrays(r) for r in requests]
+        results = self._infer_many(self.recommend_model, prepared, lambda: tr.recommend_outputs(self._tensors))
+        return [tr.parse_recommend(res) for res in results]
+
+    # ---- server state -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """True when the server and the ranker answer ready (never raises)."""
+        try:
+            return bool(self._client.is_server_ready()) and bool(self._client.is_model_ready(self.ranker_model, self.model_version))
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        """Close the connections (idempotent); the server can then shut down without waiting on us."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __enter__(self) -> RankerClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RankerClient({self.protocol}://{self.url}, timeout={self.timeout}, retries={self.retry.retries})"
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _rank_outputs(self) -> list:
+        return tr.rank_outputs(self._tensors, self.contract)
+
+    def _recommend_arrays(self, request: RecommendRequest) -> dict[str, np.ndarray]:
+        k = check_k(request.k)
+        rows = build_rows(self.contract, request.user, request.candidates)
+        return tr.recommend_arrays(rows, candidate_ids(rows, request.item_ids), k)
+
+    def _live(self) -> Any:
+        if self._client is None:
+            raise ClientError(f"{self!r} is closed")
+        return self._client
+
+    def _infer(self, model: str, arrays: dict[str, np.ndarray], outputs: list) -> Any:
+        inputs = tr.make_inputs(self._tensors, arrays)
+        try:
+            if self.protocol == "http":
+                return self._live().infer(model, inputs, model_version=self.model_version, outputs=outputs)
+            return self._live().infer(model, inputs, model_version=self.model_version, outputs=outputs, client_timeout=self.timeout)
+        except ClientError:
+            raise
+        except Exception as err:
+            raise tr.translate(err, model, self.url, self.protocol) from err
+
+    def _with_retries(self, model: str, call: Callable[[], T]) -> T:
+        started = time.monotonic()
+        for attempt in range(self.retry.retries + 1):
+            try:
+                return call()
+            except ServerUnavailable as err:
+                if attempt == self.retry.retries:
+                    raise ServerUnavailable(
+                        f"{err} (gave up on {model!r} after {attempt + 1} attempts in {time.monotonic() - started:.1f} s)"
+                    ) from err.__cause__
+                time.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    def _infer_many(self, model: str, prepared: list[dict[str, np.ndarray]], outputs: Callable[[], list]) -> list[Any]:
+        """Send every request without waiting for the previous ones; retry the unreachable ones one by one."""
+        if not prepared:
+            return []
+        results: list[Any] = [None] * len(prepared)
+        errors: list[BaseException | None] = [None] * len(prepared)
+        if self.protocol == "http":
+            pending = []
+            for i, arrays in enumerate(prepared):
+                try:
+                    pending.append((i, self._live().async_infer(model, tr.make_inputs(self._tensors, arrays), model_version=self.model_version, outputs=outputs())))
+                except Exception as err:
+                    errors[i] = err
+            for i, handle in pending:
+                try:
+                    results[i] = handle.get_result()
+                except Exception as err:
+                    errors[i] = err
+        else:
+            slots = threading.BoundedSemaphore(self.max_concurrency)
+            done = [threading.Event() for _ in prepared]
+
+            def callback(i: int, result: Any, error: BaseException | None) -> None:
+                results[i], errors[i] = result, error
+                slots.release()
+                done[i].set()
+
+            for i, arrays in enumerate(prepared):
+                slots.acquire()
+                try:
+                    self._live().async_infer(
+                        model,
+                        tr.make_inputs(self._tensors, arrays),
+                        callback=lambda result, error, i=i: callback(i, result, error),
+                        model_version=self.model_version,
+                        outputs=outputs(),
+                        client_timeout=self.timeout,
+                    )
+                except Exception as err:
+                    callback(i, None, err)
+            for event in done:
+                event.wait()
+        for i, error in enumerate(errors):
+            if error is None:
+                continue
+            typed = error if isinstance(error, ClientError) else tr.translate(error, model, self.url, self.protocol)
+            if typed is error:
+                raise typed
+            if not isinstance(typed, ServerUnavailable):
+                raise typed from error
+            arrays = prepared[i]
+            results[i] = self._with_retries(model, lambda arrays=arrays: self._infer(model, arrays, outputs()))
+        return results
+
+
+def _pair(request: RankRequest | tuple[Features, Features]) -> tuple[Features, Features]:
+    if isinstance(request, RankRequest):
+        return request.user, request.candidates
+    user, candidates = request
+    return user, candidates
