@@ -290,3 +290,17 @@ def test_raw_values_hash_like_the_contract(contract):
     assert hashed_items["hashtags"][1] == list(expected["hashtags"][1])
     with pytest.raises(InvalidRequest, match="takes strings"):
         hash_raw(contract, {"device": 3}, per_candidate=False)
+
+
+def test_a_stopped_server_gives_the_unreachable_error(repo, contract, requests):
+    """A server that answered a moment ago and was then stopped: ServerUnavailable, not a traceback."""
+    request = requests[0]
+    own = TritonServer(repo)
+    try:
+        own.start()
+        ranker = RankerClient(own.grpc_url, contract, protocol="grpc", retries=1, backoff=0.01, timeout=2)
+        ranker.rank(request.user, request.candidates)
+    finally:
+        own.stop()
+    with ranker, pytest.raises(ServerUnavailable, match="after 2 attempts"):
+        ranker.rank(request.user, request.candidates)
