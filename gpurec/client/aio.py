@@ -14,13 +14,13 @@ import asyncio
 import importlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 
 from gpurec.client import _transport as tr
+from gpurec.client.base import RankerClientBase
 from gpurec.client.errors import ClientError, ServerUnavailable
 from gpurec.client.features import (
     Features,
@@ -29,42 +29,17 @@ from gpurec.client.features import (
     Recommendation,
     RecommendRequest,
     build_rows,
-    candidate_ids,
-    check_k,
-    load_contract,
 )
-from gpurec.serve.contract import DENSE_INPUT, RANKER_MODEL, RECOMMEND_MODEL, ServingContract
+from gpurec.serve.contract import DENSE_INPUT
 
 T = TypeVar("T")
 
 
-class AsyncRankerClient:
-    """Asyncio client of the `ranker` and `recommend` models; arguments as for `RankerClient`."""
+class AsyncRankerClient(RankerClientBase):
+    """Asyncio client of the `ranker` and `recommend` models; arguments as for `RankerClient`.
 
-    def __init__(
-        self,
-        url: str,
-        contract: ServingContract | str | Path,
-        protocol: str = "http",
-        timeout: float = 10.0,
-        retries: int = 2,
-        backoff: float = 0.1,
-        max_concurrency: int = 8,
-        model_version: str = "",
-        ranker_model: str = RANKER_MODEL,
-        recommend_model: str = RECOMMEND_MODEL,
-    ) -> None:
-        self.url = tr.check_url(url)
-        self.protocol = tr.check_protocol(protocol)
-        self.contract = load_contract(contract)
-        self.timeout = float(timeout)
-        self.retry = tr.RetryPolicy(retries=retries, backoff=backoff)
-        self.max_concurrency = max(1, int(max_concurrency))
-        self.model_version = str(model_version)
-        self.ranker_model = ranker_model
-        self.recommend_model = recommend_model
-        self._tensors = tr.tensors_module(self.protocol)
-        self._client: Any = None  # created on first use: aiohttp wants a running event loop
+    The transport is created on first use: aiohttp wants a running event loop.
+    """
 
     def _live(self) -> Any:
         if self._client is None:
@@ -124,18 +99,7 @@ class AsyncRankerClient:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return f"AsyncRankerClient({self.protocol}://{self.url}, timeout={self.timeout}, retries={self.retry.retries})"
-
     # ---- internals ----------------------------------------------------------------------------
-
-    def _rank_outputs(self) -> list:
-        return tr.rank_outputs(self._tensors, self.contract)
-
-    def _recommend_arrays(self, request: RecommendRequest) -> dict[str, np.ndarray]:
-        k = check_k(request.k)
-        rows = build_rows(self.contract, request.user, request.candidates)
-        return tr.recommend_arrays(rows, candidate_ids(rows, request.item_ids), k)
 
     async def _gather(self, calls: list[Awaitable[T]]) -> list[T]:
         slots = asyncio.Semaphore(self.max_concurrency)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 
 from gpurec.client import _transport as tr
+from gpurec.client.base import RankerClientBase
 from gpurec.client.errors import ClientError, ServerUnavailable
 from gpurec.client.features import (
     Features,
@@ -30,16 +30,13 @@ from gpurec.client.features import (
     Recommendation,
     RecommendRequest,
     build_rows,
-    candidate_ids,
-    check_k,
-    load_contract,
 )
-from gpurec.serve.contract import DENSE_INPUT, RANKER_MODEL, RECOMMEND_MODEL, ServingContract
+from gpurec.serve.contract import DENSE_INPUT
 
 T = TypeVar("T")
 
 
-class RankerClient:
+class RankerClient(RankerClientBase):
     """Blocking client of the `ranker` and `recommend` models of one Triton server.
 
     `contract` is what the model was exported with (a `ServingContract`, its `contract.json`, a
@@ -51,29 +48,8 @@ class RankerClient:
     that created it (use `rank_many`, or `AsyncRankerClient`, for concurrency from one thread).
     """
 
-    def __init__(
-        self,
-        url: str,
-        contract: ServingContract | str | Path,
-        protocol: str = "http",
-        timeout: float = 10.0,
-        retries: int = 2,
-        backoff: float = 0.1,
-        max_concurrency: int = 8,
-        model_version: str = "",
-        ranker_model: str = RANKER_MODEL,
-        recommend_model: str = RECOMMEND_MODEL,
-    ) -> None:
-        self.url = tr.check_url(url)
-        self.protocol = tr.check_protocol(protocol)
-        self.contract = load_contract(contract)
-        self.timeout = float(timeout)
-        self.retry = tr.RetryPolicy(retries=retries, backoff=backoff)
-        self.max_concurrency = max(1, int(max_concurrency))
-        self.model_version = str(model_version)
-        self.ranker_model = ranker_model
-        self.recommend_model = recommend_model
-        self._tensors = tr.tensors_module(self.protocol)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # arguments: RankerClientBase
+        super().__init__(*args, **kwargs)
         self._client = self._connect()
 
     def _connect(self) -> Any:
@@ -136,18 +112,7 @@ class RankerClient:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"RankerClient({self.protocol}://{self.url}, timeout={self.timeout}, retries={self.retry.retries})"
-
     # ---- internals ----------------------------------------------------------------------------
-
-    def _rank_outputs(self) -> list:
-        return tr.rank_outputs(self._tensors, self.contract)
-
-    def _recommend_arrays(self, request: RecommendRequest) -> dict[str, np.ndarray]:
-        k = check_k(request.k)
-        rows = build_rows(self.contract, request.user, request.candidates)
-        return tr.recommend_arrays(rows, candidate_ids(rows, request.item_ids), k)
 
     def _live(self) -> Any:
         if self._client is None:
