@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from gpurec.data.generate import generate_synthetic
 from gpurec.data.world import WorldConfig
 from gpurec.preprocess.run import preprocess
+from gpurec.serve.server import TritonServer
 
 SMALL_WORLD = WorldConfig(users=400, items=800, days=4, seed=21)
 
@@ -20,3 +22,15 @@ def small_features(tmp_path_factory) -> Path:
     generate_synthetic(SMALL_WORLD, root / "raw")
     preprocess(root / "raw", root / "features", engine="cpu")
     return root / "features"
+
+
+def serve_for_tests(repo: Path) -> Iterator[TritonServer]:
+    """A real tritonserver on free loopback ports for a fixture to yield from: stopped even when a
+    test fails, and the fixture fails if it did not shut down cleanly."""
+    server = TritonServer(repo)
+    try:
+        server.start()
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, f"tritonserver did not shut down cleanly (exit code {code})"

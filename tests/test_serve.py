@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import serve_for_tests
 
 from gpurec.cli import main
 from gpurec.preprocess.manifest import load_manifest
@@ -73,13 +74,7 @@ def contract(repo) -> ServingContract:
 
 @pytest.fixture(scope="module")
 def server(repo) -> Iterator[TritonServer]:
-    server = TritonServer(repo)
-    try:
-        server.start()
-        yield server
-    finally:
-        code = server.stop()
-    assert code == 0, f"tritonserver did not shut down cleanly (exit code {code})"
+    yield from serve_for_tests(repo)
 
 
 @pytest.fixture(scope="module")
