@@ -11,8 +11,12 @@ from gpurec.data.generate import generate_synthetic
 from gpurec.data.world import WorldConfig
 from gpurec.preprocess.run import preprocess
 from gpurec.serve.server import TritonServer
+from gpurec.train.config import load_configs
+from gpurec.train.recipe import train
 
 SMALL_WORLD = WorldConfig(users=400, items=800, days=4, seed=21)
+# A small ranker: the default structure at a fraction of the compute.
+SMALL_CONFIG = Path(__file__).parent / "configs" / "small.toml"
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +38,9 @@ def serve_for_tests(repo: Path) -> Iterator[TritonServer]:
     finally:
         code = server.stop()
     assert code == 0, f"tritonserver did not shut down cleanly (exit code {code})"
+
+
+def train_small(features: Path, out: Path, **overrides) -> dict:
+    """Train the small ranker (tests/configs/small.toml, `[train]` overrides as keywords)."""
+    model_config, train_config = load_configs(SMALL_CONFIG, **overrides)
+    return train(features, out, model_config, train_config, progress=False)

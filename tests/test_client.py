@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import serve_for_tests
+from conftest import serve_for_tests, train_small
 
 from gpurec.client import (
     AsyncRankerClient,
@@ -39,13 +39,10 @@ from gpurec.serve.contract import ServingContract, assemble_rows, hash_raw_featu
 from gpurec.serve.export import export_repository
 from gpurec.serve.model_config import BatchingConfig
 from gpurec.serve.server import TritonServer, free_ports
-from gpurec.train.config import load_configs
-from gpurec.train.recipe import train
 
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("tritonclient.http")
 
-SMALL_CONFIG = Path(__file__).parent / "configs" / "small.toml"
 TOLERANCE = 1e-5
 PROTOCOLS = ("http", "grpc")
 USERS = 4
@@ -56,8 +53,7 @@ USER_FEATURES = ("user_id", "user_region", "device", "user_language", "hour", "u
 @pytest.fixture(scope="module")
 def repo(small_features, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("client")
-    model_config, train_config = load_configs(SMALL_CONFIG, max_steps=10)
-    train(small_features, root / "run", model_config, train_config, progress=False)
+    train_small(small_features, root / "run", max_steps=10)
     export_repository(root / "run", root / "repo", batching=BatchingConfig(max_queue_delay_us=2000))
     return root / "repo"
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import train_small
 from sklearn.metrics import log_loss, roc_auc_score
 
 from gpurec.cli import main
@@ -28,20 +29,17 @@ from gpurec.data import logs
 from gpurec.preprocess.manifest import load_manifest
 from gpurec.preprocess.run import preprocess
 from gpurec.train.baselines import popularity_scores, sample_train
-from gpurec.train.config import load_configs
 from gpurec.train.data import FeatureColumns
 from gpurec.train.evaluate import evaluate
-from gpurec.train.recipe import load_trained_model, train
+from gpurec.train.recipe import load_trained_model
 
-SMALL_CONFIG = Path(__file__).parent / "configs" / "small.toml"
 PREDICTORS_METRICS = {"auc", "ne", "calibration", "logloss"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(small_features, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluate") / "run"
-    model_config, train_config = load_configs(SMALL_CONFIG, max_steps=30)
-    train(small_features, out, model_config, train_config, progress=False)
+    train_small(small_features, out, max_steps=30)
     return out
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import serve_for_tests
+from conftest import serve_for_tests, train_small
 
 from gpurec.cli import main
 from gpurec.preprocess.manifest import load_manifest
@@ -32,14 +32,12 @@ from gpurec.serve.artifact import to_tensors
 from gpurec.serve.contract import ContractError, ServingContract, hash_raw_features, rows_from_features
 from gpurec.serve.export import eager_scores
 from gpurec.serve.server import TritonServer
-from gpurec.train.config import load_configs
-from gpurec.train.recipe import load_trained_model, train
+from gpurec.train.recipe import load_trained_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-SMALL_CONFIG = Path(__file__).parent / "configs" / "small.toml"
 TOLERANCE = 1e-5
 # Long enough that concurrent requests from a Python client (about 1 ms apart on a loaded 2-core
 # machine) reliably meet in the batcher; the default (500 µs) is for a fast client.
@@ -50,8 +48,7 @@ _DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(n
 @pytest.fixture(scope="module")
 def run_dir(small_features, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve") / "run"
-    model_config, train_config = load_configs(SMALL_CONFIG, max_steps=20)
-    train(small_features, out, model_config, train_config, progress=False)
+    train_small(small_features, out, max_steps=20)
     return out
 
 

@@ -9,25 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_CONFIG, train_small
 
 from gpurec.train.checkpoint import checkpoint_root, latest_checkpoint, read_trainer_state
 from gpurec.train.config import TrainConfig, load_configs
-from gpurec.train.recipe import train
-
-SMALL_CONFIG = Path(__file__).parent / "configs" / "small.toml"
 
 
 def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(features: Path, out: Path, **overrides) -> dict:
-    model_config, train_config = load_configs(SMALL_CONFIG, **overrides)
-    return train(features, out, model_config, train_config, progress=False)
-
-
 def test_loss_goes_down(small_features, tmp_path):
-    summary = _train(small_features, tmp_path / "run", epochs=2)
+    summary = train_small(small_features, tmp_path / "run", epochs=2)
     losses = _losses(tmp_path / "run")
     assert summary["steps"] == len(losses) > 20
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
@@ -35,24 +28,24 @@ def test_loss_goes_down(small_features, tmp_path):
 
 
 def test_resume_continues_exactly(small_features, tmp_path):
-    _train(small_features, tmp_path / "whole", max_steps=16)
-    _train(small_features, tmp_path / "split", max_steps=8)
-    resumed = _train(small_features, tmp_path / "split", max_steps=16)
+    train_small(small_features, tmp_path / "whole", max_steps=16)
+    train_small(small_features, tmp_path / "split", max_steps=8)
+    resumed = train_small(small_features, tmp_path / "split", max_steps=16)
     assert resumed["steps"] == 16
     # Same data position, weights and both optimizers' state: identical losses, bit for bit.
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
 
 
 def test_resume_across_an_epoch_boundary(small_features, tmp_path):
-    whole = _train(small_features, tmp_path / "whole", epochs=2)
+    whole = train_small(small_features, tmp_path / "whole", epochs=2)
     steps_per_epoch = whole["steps"] // 2
-    _train(small_features, tmp_path / "split", epochs=2, max_steps=steps_per_epoch + 3)
-    _train(small_features, tmp_path / "split", epochs=2)
+    train_small(small_features, tmp_path / "split", epochs=2, max_steps=steps_per_epoch + 3)
+    train_small(small_features, tmp_path / "split", epochs=2)
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
 
 
 def test_checkpoints_keep_the_newest_two(small_features, tmp_path):
-    _train(small_features, tmp_path / "run", max_steps=12, checkpoint_every=4)
+    train_small(small_features, tmp_path / "run", max_steps=12, checkpoint_every=4)
     kept = sorted(p.name for p in checkpoint_root(tmp_path / "run").glob("step-*"))
     assert kept == ["step-00000008", "step-00000012"]
     latest = latest_checkpoint(tmp_path / "run")
