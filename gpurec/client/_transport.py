@@ -146,24 +146,23 @@ def translate(err: BaseException, model: str, url: str, protocol: str) -> Client
     return ServerError(f"model {model!r} on {where} failed: {text or type(err).__name__}")
 
 
-def _message(err: BaseException) -> str:
-    message = getattr(err, "message", None)
-    if callable(message):
+def _accessor(err: BaseException, name: str, fallback: str) -> str:
+    """tritonclient exceptions expose `message()` / `status()` methods; other errors do not."""
+    method = getattr(err, name, None)
+    if callable(method):
         try:
-            return str(message() or "")
+            return str(method() or "")
         except Exception:
-            return str(err)
-    return str(err)
+            return fallback
+    return fallback
+
+
+def _message(err: BaseException) -> str:
+    return _accessor(err, "message", str(err))
 
 
 def _status(err: BaseException) -> str:
-    status = getattr(err, "status", None)
-    if callable(status):
-        try:
-            return str(status() or "")
-        except Exception:
-            return ""
-    return ""
+    return _accessor(err, "status", "")
 
 
 def _is_transport(err: BaseException) -> bool:
