@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from gpurec.embedding.config import IdTableConfig
+
 _Config = TypeVar("_Config")
 Pooling = Literal["sum", "mean"]
 Interaction = Literal["dot", "dcn"]
@@ -75,8 +77,10 @@ class ModelConfig:
     multi_valued_pooling: Pooling = "mean"
     tasks: tuple[str, ...] = ("like", "finish")
     score_weights: dict[str, float] = field(default_factory=lambda: {"like": 1.0, "finish": 1.0})
+    ids: IdTableConfig = field(default_factory=IdTableConfig)  # how ids get rows: [model.ids]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", IdTableConfig.from_value(self.ids))
         # TOML and YAML give lists; freeze them so configs compare and print the same way.
         object.__setattr__(self, "bottom_mlp", _int_tuple("bottom_mlp", self.bottom_mlp))
         object.__setattr__(self, "top_mlp", _int_tuple("top_mlp", self.top_mlp))

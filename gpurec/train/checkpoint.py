@@ -56,12 +56,19 @@ def latest_checkpoint(out_dir_or_checkpoint: str | Path) -> Path | None:
 
 
 def save_checkpoint(
-    out_dir: str | Path, model: nn.Module, optimizer: Any, state: TrainerState, keep: int = 2
+    out_dir: str | Path, model: nn.Module, optimizer: Any, state: TrainerState, keep: int = 2, ids: Any = None
 ) -> Path:
-    """Save (collectively: every rank calls it) and point `latest` at it; keep the newest `keep`."""
+    """Save (collectively: every rank calls it) and point `latest` at it; keep the newest `keep`.
+
+    `ids` (a `CollisionlessIds`) adds this rank's partition of the id maps: keys are per
+    partition, so every rank writes its own and a reader can load any or all of them.
+    """
     root = checkpoint_root(out_dir)
     path = root / f"step-{state.step:08d}"
-    dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=path)
+    content = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if ids is not None:
+        content["ids"] = ids.state_dict()
+    dcp.save(content, checkpoint_id=path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         (path / TRAINER_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -80,13 +87,19 @@ def read_trainer_state(checkpoint: str | Path) -> TrainerState:
     return TrainerState(**json.loads((Path(checkpoint) / TRAINER_FILE).read_text()))
 
 
-def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: Any | None = None) -> TrainerState:
-    """Load into `model` (sharded or not) and, if given, `optimizer`; return the trainer state."""
+def load_checkpoint(checkpoint: str | Path, model: nn.Module, optimizer: Any | None = None, ids: Any = None) -> TrainerState:
+    """Load into `model` (sharded or not) and, if given, `optimizer` and `ids` (one id map or a
+    list of them, e.g. every partition for export); return the trainer state."""
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
+    id_maps = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    if id_maps:
+        state["ids"] = {key: tensor for id_map in id_maps for key, tensor in id_map.state_dict().items()}
     dcp.load(state, checkpoint_id=Path(checkpoint))
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+    for id_map in id_maps:
+        id_map.load_state_dict(state["ids"])
     return read_trainer_state(checkpoint)

@@ -29,6 +29,7 @@ class TrainConfig:
     log_every: int = 20
     device: str = "auto"  # auto | cpu | cuda
     prefetch: int = 4  # batches read ahead by the background loader thread
+    shuffle_days: bool = False  # False: days in event-time order (rows are shuffled within a day)
 
     def __post_init__(self) -> None:
         if self.sharding != "auto" and self.sharding not in SHARDING_TYPES:

@@ -1,12 +1,14 @@
 """Streaming the preprocessed Parquet shards into TorchRec batches.
 
-A batch is TorchRec's own `Batch`: dense features [B, D], a `KeyedJaggedTensor` of hashed sparse
-ids (one key per sparse feature, in manifest order) and labels [B, T] (manifest label order).
+A batch is TorchRec's own `Batch` (`TimedBatch`): dense features [B, D], a `KeyedJaggedTensor` of
+hashed sparse ids (one key per sparse feature, in manifest order), labels [B, T] (manifest label
+order) and each example's event time [B].
 
-Order is a pure function of (seed, epoch): files are shuffled, then rows within each file (a file
-is one day, the unit of memory). Every rank walks the same global order and keeps its slice of
-each global batch, so N ranks with local batch B see exactly the batches one process with batch
-N*B sees, and a resumed run that skips `start_batch` global batches continues exactly.
+Order is a pure function of (seed, epoch): days in event-time order (or shuffled, with
+`shuffle_days`), rows shuffled within each day file (a file is one day, the unit of memory).
+Time order is the default because collisionless tables expire ids by event time, as a streaming
+trainer would. Every rank walks the same global order and keeps its slice of each global
+batch, so N ranks with local batch B see exactly the batches one process with batch N*B sees, and a resumed run that skips `start_batch` global batches continues exactly.
 
 A background thread reads and converts ahead (`prefetch` batches), so the trainer waits on I/O
 only when reading is slower than training; `wait_seconds` says how long it waited.
@@ -18,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +32,34 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.preprocess.manifest import Manifest
 
+EVENT_TIME_COLUMN = "ts"  # the impression's event time, a manifest meta column
+
+
+@dataclass
+class TimedBatch(Batch):
+    """TorchRec's Batch plus each example's event time (ms since the epoch, int64 [B]): what
+    collisionless tables count ids and expire them by."""
+
+    event_time_ms: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> TimedBatch:
+        moved = super().to(device, non_blocking=non_blocking)
+        return TimedBatch(moved.dense_features, moved.sparse_features, moved.labels, self.event_time_ms.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        self.event_time_ms.record_stream(stream)
+
+    def pin_memory(self) -> TimedBatch:
+        pinned = super().pin_memory()
+        return TimedBatch(pinned.dense_features, pinned.sparse_features, pinned.labels, self.event_time_ms.pin_memory())
+
 
 @dataclass(frozen=True)
 class LoaderConfig:
     batch_size: int = 2048  # per rank
-    shuffle: bool = True
+    shuffle: bool = True  # rows within each day file
+    shuffle_days: bool = False  # False: days in event-time order, as a streaming trainer sees them
     seed: int = 0
     drop_last: bool = True  # keep every step's global batch full (ranks stay in lock-step)
     prefetch: int = 4
@@ -48,12 +73,13 @@ class FeatureColumns:
         self.sparse = [f.column for f in manifest.sparse_features]
         self.keys = [f.name for f in manifest.sparse_features]
         self.labels = list(manifest.label_names)
+        self.time = EVENT_TIME_COLUMN
 
     @property
     def all(self) -> list[str]:
-        return self.dense + self.sparse + self.labels
+        return [*self.dense, *self.sparse, *self.labels, self.time]
 
-    def to_batch(self, table: pa.Table) -> Batch:
+    def to_batch(self, table: pa.Table) -> TimedBatch:
         """Convert a slice of rows (an Arrow table with at least `all` columns) into a Batch."""
         dense = np.stack([table[c].to_numpy() for c in self.dense], axis=1).astype(np.float32, copy=False)
         labels = np.stack([table[c].to_numpy() for c in self.labels], axis=1).astype(np.float32, copy=False)
@@ -72,7 +98,8 @@ class FeatureColumns:
             values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32, copy=False)),
         )
-        return Batch(torch.from_numpy(dense), sparse, torch.from_numpy(labels))
+        event_time = np.array(table[self.time].cast(pa.int64()).to_numpy())  # writable copy
+        return TimedBatch(torch.from_numpy(dense), sparse, torch.from_numpy(labels), torch.from_numpy(event_time))
 
 
 class ParquetBatches:
@@ -111,7 +138,8 @@ class ParquetBatches:
     def _global_tables(self) -> Iterator[pa.Table]:
         """Global batches (all ranks' rows) in the deterministic order of this epoch."""
         rng = np.random.default_rng([self.config.seed, self.epoch])
-        order = rng.permutation(len(self.files)) if self.config.shuffle else np.arange(len(self.files))
+        shuffle_days = self.config.shuffle and self.config.shuffle_days
+        order = rng.permutation(len(self.files)) if shuffle_days else np.arange(len(self.files))
         carry: pa.Table | None = None
         index = 0
         for file_index in order:

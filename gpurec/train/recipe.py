@@ -16,8 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from gpurec.embedding.collisionless import CollisionlessIds
+from gpurec.embedding.config import aligned_rows
+from gpurec.embedding.lookup import IdLookup
 from gpurec.embedding.modulo import ModuloRemap
+from gpurec.embedding.rows import RowReinitializer
 from gpurec.model.config import ModelConfig, SparseFeatureSpec
 from gpurec.model.dlrm import MultiTaskDLRM, build_model, task_losses
 from gpurec.model.sharded import combined_optimizer, shard_model
@@ -39,13 +44,15 @@ def sparse_specs(manifest: Manifest, model_config: ModelConfig, train_config: Tr
     """One table per sparse feature, sized from the manifest's cardinality estimate.
 
     Explicit `num_embeddings` in the model config win; otherwise rows_per_id x the estimate
-    (fewer collisions under modulo hashing), between min_rows and default_num_embeddings.
+    (fewer collisions under modulo hashing, room for new ids in collisionless tables), between
+    min_rows and default_num_embeddings. Rows are rounded up to a multiple of 8 so that 1, 2, 4
+    or 8 ranks split every table evenly (and into the same blocks as TorchRec's row-wise plan).
     """
     sizes = {}
     for feature in manifest.sparse_features:
         estimate = feature.cardinality_estimate or model_config.default_num_embeddings
-        sizes[feature.name] = min(
-            model_config.default_num_embeddings, max(train_config.min_rows, train_config.rows_per_id * estimate)
+        sizes[feature.name] = aligned_rows(
+            min(model_config.default_num_embeddings, max(train_config.min_rows, train_config.rows_per_id * estimate))
         )
     sizes.update(model_config.num_embeddings)
     config = ModelConfig(**{**asdict(model_config), "num_embeddings": sizes})
@@ -64,6 +71,22 @@ def build_ranker(
     torch.manual_seed(seed)
     mean, std = dense_stats
     return build_model(model_config, specs, len(mean), device=device, dense_mean=mean, dense_std=std)
+
+
+def id_map_for(
+    model_config: ModelConfig, specs: list[SparseFeatureSpec], rank: int, world_size: int, device: torch.device
+) -> CollisionlessIds | None:
+    """This rank's partition of the collisionless id maps, or None for plain hashing (`ModuloRemap`)."""
+    if model_config.ids.kind != "collisionless":
+        return None
+    backend = "triton" if device.type == "cuda" and _has_triton() else "torch"
+    return CollisionlessIds(specs, model_config.ids, rank=rank, world_size=world_size, device=device, backend=backend)
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def labels_by_task(labels: torch.Tensor, names: list[str], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -98,6 +121,8 @@ def train(
     sharded.load_state_dict(initial)
     del initial
     optimizer = combined_optimizer(sharded, lambda params: torch.optim.Adagrad(params, lr=train_config.dense_lr))
+    # Ids -> rows: collisionless tables (this rank's partition of each id map) or plain hashing.
+    ids = id_map_for(model_config, specs, ctx.rank, ctx.world_size, ctx.device)
     remap = ModuloRemap({s.name: s.num_embeddings for s in specs})
 
     state = TrainerState(
@@ -114,13 +139,27 @@ def train(
     resume_from = latest_checkpoint(out_dir)
     if resume_from is not None:
         extra = state.extra
-        state = load_checkpoint(resume_from, sharded, optimizer)
+        state = load_checkpoint(resume_from, sharded, optimizer, ids=ids)
         state.extra = {**extra, "resumed_from": str(resume_from)}
+    reinit = RowReinitializer(sharded, optimizer, specs) if ids is not None else None
+
+    def rows_of(batch) -> KeyedJaggedTensor:
+        """The batch's ids as table rows; new ids' rows start from their initial value."""
+        if ids is None:
+            return remap(batch.sparse_features)
+        rows, admitted = ids.assign(batch.sparse_features, batch.event_time_ms)
+        reinit.apply(admitted)
+        return rows
 
     loader = ParquetBatches(
         manifest.split_files("train", data_dir),
         manifest,
-        LoaderConfig(batch_size=train_config.batch_size, seed=train_config.seed, prefetch=train_config.prefetch),
+        LoaderConfig(
+            batch_size=train_config.batch_size,
+            seed=train_config.seed,
+            prefetch=train_config.prefetch,
+            shuffle_days=train_config.shuffle_days,
+        ),
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
@@ -134,7 +173,7 @@ def train(
         loader.set_epoch(state.epoch, start_batch=state.batch)
         for batch in loader:
             batch = batch.to(ctx.device, non_blocking=True)
-            logits = sharded(batch.dense_features, remap(batch.sparse_features))
+            logits = sharded(batch.dense_features, rows_of(batch))
             per_task = task_losses(logits, labels_by_task(batch.labels, manifest.label_names, model_config.tasks))
             loss = torch.stack(list(per_task.values())).sum()  # = multi_task_loss, keeping the parts to log
             optimizer.zero_grad()
@@ -154,7 +193,7 @@ def train(
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if train_config.checkpoint_every and state.step % train_config.checkpoint_every == 0:
-                save_checkpoint(out_dir, sharded, optimizer, state)
+                save_checkpoint(out_dir, sharded, optimizer, state, ids=ids)
             if state.step >= total_steps:
                 break
         else:
@@ -162,7 +201,7 @@ def train(
     bar.close()
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None or read_trainer_state(checkpoint).step != state.step:
-        checkpoint = save_checkpoint(out_dir, sharded, optimizer, state)
+        checkpoint = save_checkpoint(out_dir, sharded, optimizer, state, ids=ids)
     seconds = time.perf_counter() - started
     summary = {
         "steps": state.step,
@@ -174,6 +213,7 @@ def train(
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "checkpoint": str(checkpoint),
+        "id_tables": ids.stats() if ids is not None else "hashed",
     }
     log.close()
     if ctx.is_main:
@@ -189,8 +229,10 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, mininterval=interval)
 
 
-def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRemap, TrainerState]:
-    """An unsharded CPU copy of a trained model, for evaluation and export (no process group needed).
+def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRemap | IdLookup, TrainerState]:
+    """An unsharded CPU copy of a trained model and its id -> row map, for evaluation and export
+    (no process group needed). Collisionless tables come back as a read-only `IdLookup` over
+    every rank's partition.
 
     `checkpoint` is a checkpoint directory or a training run directory (its latest checkpoint).
     """
@@ -204,6 +246,11 @@ def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRem
     num_dense = extra["num_dense"]
     # Normalisation buffers start neutral and are overwritten by the checkpoint's values.
     model = build_ranker(model_config, specs, ([0.0] * num_dense, [1.0] * num_dense), seed=0)
-    load_checkpoint(path, model)
-    model.eval()
-    return model, ModuloRemap({s.name: s.num_embeddings for s in specs}), state
+    if model_config.ids.kind != "collisionless":
+        load_checkpoint(path, model)
+        return model.eval(), ModuloRemap({s.name: s.num_embeddings for s in specs}), state
+    partitions = int(extra["world_size"])
+    id_maps = [CollisionlessIds(specs, model_config.ids, rank=p, world_size=partitions) for p in range(partitions)]
+    load_checkpoint(path, model, ids=id_maps)
+    lookup = IdLookup.from_partitions([s.name for s in specs], [m.partitions for m in id_maps])
+    return model.eval(), lookup, state

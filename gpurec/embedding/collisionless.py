@@ -1,0 +1,209 @@
+"""Collisionless embedding tables (Monolith): every admitted id gets a row of its own.
+
+`CollisionlessIds` sits in front of TorchRec's EmbeddingBagCollection during training. Each
+step it turns the batch's KeyedJaggedTensor of hashed ids into one of table rows:
+
+1. every occurrence goes to the partition that owns its id, ``owner_of(id) % world_size``;
+   with more than one rank that is an all-to-all, so each id is counted, admitted and expired
+   in exactly one place however the batch was split;
+2. the owner's `IdPartition` counts it, expires stale ids, admits ids that reached
+   ``admit_after`` and answers with the id's row; partition p's rows are the p-th block of the
+   table, the block TorchRec's row-wise sharding puts on rank p, so an id's embedding lives on
+   the rank that owns its mapping;
+3. rows go back to the asking rank; ids without a row read the shared default row (row 0) or
+   are dropped from their bag (`unadmitted = "zero"`).
+
+A row handed to a new id is re-initialised, embedding and optimizer state, by `RowReinitializer`
+before the step's forward pass, to a value that depends only on the id (`initial_rows`). That
+makes training independent of which row an id lands in, so 1 rank and N ranks train the same
+model even though their id -> row layouts differ.
+
+The serving side is `IdLookup` (gpurec.embedding.lookup): read-only, TorchScript-able, built from
+the same state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from gpurec.embedding.config import IdTableConfig
+from gpurec.embedding.cuckoo import fold_empty, owner_of
+from gpurec.embedding.partition import STAT_NAMES, Admitted, IdPartition
+from gpurec.model.config import SparseFeatureSpec
+
+
+def partition_block(rows: int, partition: int, partitions: int) -> tuple[int, int]:
+    """(first row, rows) of a partition's block: TorchRec's row-wise split of ``rows``."""
+    if rows % partitions:
+        raise ValueError(f"{rows} table rows do not split evenly over {partitions} partitions")
+    block = rows // partitions
+    return partition * block, block
+
+
+class CollisionlessIds:
+    """This rank's partition of every feature's id map, and the step that assigns rows."""
+
+    def __init__(
+        self,
+        specs: list[SparseFeatureSpec],
+        config: IdTableConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+    ) -> None:
+        config.check_features([s.name for s in specs])
+        self.specs = {s.name: s for s in specs}
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.partitions: dict[str, IdPartition] = {}
+        for spec in specs:
+            start, block = partition_block(spec.num_embeddings, rank, world_size)
+            self.partitions[spec.name] = IdPartition(
+                config.policy(spec.name),
+                config.eviction,
+                block_start=start,
+                block_rows=block,
+                sketch=(config.sketch_width, config.sketch_depth),
+                device=device,
+                backend=backend,
+            )
+
+    # --- the training step --------------------------------------------------------------------
+
+    def assign(self, features: KeyedJaggedTensor, event_time_ms: torch.Tensor) -> tuple[KeyedJaggedTensor, dict[str, Admitted]]:
+        """Rows for a batch of hashed ids, updating counts, admissions and expiry on the way.
+
+        ``event_time_ms`` [B] is each example's event time; the expiry clock is the newest event
+        time in the global batch. Returns the row KJT and, per feature, the rows every rank must
+        re-initialise (already gathered from all ranks).
+        """
+        keys = features.keys()
+        unknown = [k for k in keys if k not in self.partitions]
+        if unknown:
+            raise ValueError(f"CollisionlessIds: features {unknown} have no id table")
+        lengths = features.lengths()
+        batch = features.stride()
+        ids = fold_empty(features.values())
+        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths.long(), output_size=ids.numel())
+        times = event_time_ms.to(ids.device)[segment % batch]
+        feature = torch.div(segment, batch, rounding_mode="floor")
+        clock = self._global_clock(event_time_ms)
+
+        self._admitted: dict[str, Admitted] = {}
+        rows = self._owner_rows(ids, feature, times, keys, clock)
+        admitted = self._gather_admissions()
+        return self._row_features(features, rows, feature), admitted
+
+    def _owner_rows(self, ids: torch.Tensor, feature: torch.Tensor, times: torch.Tensor, keys: list[str], clock: int) -> torch.Tensor:
+        """Each occurrence's row, computed by the partition that owns the id."""
+        if self.world_size == 1:
+            return self._local_rows(ids, feature, times, keys, clock)
+        owner = owner_of(ids, self.world_size)
+        order = torch.sort(owner, stable=True).indices
+        send_counts = torch.bincount(owner, minlength=self.world_size)
+        payload = torch.stack([ids[order], feature[order], times[order]], dim=1)
+        received, recv_counts = _all_to_all(payload, send_counts)
+        rows = self._local_rows(received[:, 0], received[:, 1], received[:, 2], keys, clock)
+        answered, _ = _all_to_all(rows[:, None], recv_counts)
+        result = torch.empty_like(ids)
+        result[order] = answered[:, 0]
+        return result
+
+    def _local_rows(self, ids: torch.Tensor, feature: torch.Tensor, times: torch.Tensor, keys: list[str], clock: int) -> torch.Tensor:
+        """Rows from this rank's partitions (records the admissions in ``self._admitted``)."""
+        rows = torch.full_like(ids, -1)
+        for index, name in enumerate(keys):
+            mine = feature == index
+            if bool(mine.any()):
+                rows[mine], self._admitted[name] = self.partitions[name].assign(ids[mine], times[mine], clock)
+            else:  # no traffic for this partition in this step: it still ages
+                self.partitions[name].expire(clock)
+        return rows
+
+    def _global_clock(self, event_time_ms: torch.Tensor) -> int:
+        clock = event_time_ms.max().reshape(1).to(torch.int64)
+        if self.world_size > 1:
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        return int(clock)
+
+    def _gather_admissions(self) -> dict[str, Admitted]:
+        mine = {name: (a.rows.cpu(), a.ids.cpu()) for name, a in self._admitted.items() if a.rows.numel()}
+        if self.world_size == 1:
+            everyone = [mine]
+        else:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, mine)
+        merged: dict[str, Admitted] = {}
+        for name in self.specs:
+            parts = [rank_part[name] for rank_part in everyone if name in rank_part]
+            if parts:
+                merged[name] = Admitted(
+                    rows=torch.cat([p[0] for p in parts]).to(self.device), ids=torch.cat([p[1] for p in parts]).to(self.device)
+                )
+        return merged
+
+    def _row_features(self, features: KeyedJaggedTensor, rows: torch.Tensor, feature: torch.Tensor) -> KeyedJaggedTensor:
+        """The batch with rows for ids; unadmitted ids -> default row or dropped, per feature."""
+        keys = features.keys()
+        zero_features = [i for i, k in enumerate(keys) if self.partitions[k].policy.unadmitted == "zero"]
+        missing = rows < 0
+        rows = torch.where(missing, torch.zeros_like(rows), rows)  # DEFAULT_ROW
+        lengths = features.lengths()
+        if zero_features:
+            drop = missing & torch.isin(feature, torch.tensor(zero_features, device=rows.device))
+            if bool(drop.any()):
+                segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths.long())
+                lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
+                rows = rows[~drop]
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=rows, lengths=lengths, weights=None, stride=features.stride()
+        )
+
+    # --- state and reporting ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors named ``<feature>.p<partition>.<field>``: rank-specific, for DCP."""
+        return {
+            f"{name}.p{self.rank}.{field}": tensor
+            for name, part in self.partitions.items()
+            for field, tensor in part.state_tensors().items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, target in self.state_dict().items():
+            if key not in state:
+                raise KeyError(f"id-table state has no {key!r} (was the checkpoint written with {self.world_size} ranks?)")
+            target.copy_(state[key])
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per feature, summed over ranks: rows used, capacity, occupancy and the counters."""
+        names = list(self.partitions)
+        local = torch.stack(
+            [torch.cat([torch.tensor([p.size(), p.capacity, p.table.size(), p.table.num_slots]), p.stats]) for p in self.partitions.values()]
+        )
+        if self.world_size > 1 and dist.is_initialized():
+            local = local.to(self.device)
+            dist.all_reduce(local)
+            local = local.cpu()
+        report: dict[str, dict[str, float]] = {}
+        for name, row in zip(names, local.tolist(), strict=True):
+            used, capacity, stored, slots, *counters = row
+            entry = {"rows_used": used, "capacity": capacity, "occupancy": used / capacity, "load_factor": stored / slots}
+            entry.update(dict(zip(STAT_NAMES, counters, strict=True)))
+            report[name] = entry
+        return report
+
+
+def _all_to_all(payload: torch.Tensor, send_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exchange rows of ``payload`` (grouped by destination rank) with every rank."""
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    received = payload.new_empty((int(recv_counts.sum()), payload.shape[1]))
+    dist.all_to_all_single(
+        received, payload.contiguous(), output_split_sizes=recv_counts.tolist(), input_split_sizes=send_counts.tolist()
+    )
+    return received, recv_counts

@@ -1,0 +1,87 @@
+"""Collisionless tables in training: row resets in the sharded model, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL_CONFIG, train_small
+
+from gpurec.embedding.collisionless import CollisionlessIds
+from gpurec.embedding.cuckoo import EMPTY_KEY
+from gpurec.embedding.lookup import IdLookup
+from gpurec.embedding.partition import Admitted
+from gpurec.embedding.rows import RowReinitializer, initial_rows
+from gpurec.model.config import ModelConfig
+from gpurec.model.sharded import combined_optimizer, shard_model
+from gpurec.preprocess.manifest import load_manifest
+from gpurec.train.checkpoint import latest_checkpoint, load_checkpoint
+from gpurec.train.config import load_configs
+from gpurec.train.data import LoaderConfig, ParquetBatches
+from gpurec.train.distributed import init_distributed
+from gpurec.train.recipe import build_ranker, load_trained_model, sparse_specs
+
+
+def _replayed_id_map(features, steps: int) -> CollisionlessIds:
+    """The id map that training's first `steps` batches build, computed outside training."""
+    model_config, train_config = load_configs(SMALL_CONFIG)
+    manifest = load_manifest(features)
+    specs = sparse_specs(manifest, model_config, train_config)
+    ids = CollisionlessIds(specs, model_config.ids)
+    loader = ParquetBatches(manifest.split_files("train", features), manifest, LoaderConfig(batch_size=train_config.batch_size))
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        ids.assign(batch.sparse_features, batch.event_time_ms)
+    return ids
+
+
+def test_checkpoint_keeps_the_id_maps_exactly(small_features, tmp_path):
+    summary = train_small(small_features, tmp_path / "run", max_steps=12)
+    replayed = _replayed_id_map(small_features, 12)
+    model_config, train_config = load_configs(SMALL_CONFIG)
+    specs = sparse_specs(load_manifest(small_features), model_config, train_config)
+    restored = CollisionlessIds(specs, model_config.ids)
+    model = build_ranker(model_config, specs, ([0.0] * 8, [1.0] * 8), seed=0)
+    load_checkpoint(latest_checkpoint(tmp_path / "run"), model, ids=restored)
+    for key, tensor in replayed.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], tensor), key
+    assert summary["id_tables"]["user_id"]["rows_used"] == replayed.partitions["user_id"].size() > 0
+
+    # Evaluation/export read the same map, read-only.
+    _, lookup, _ = load_trained_model(tmp_path / "run")
+    assert isinstance(lookup, IdLookup)
+    users = replayed.partitions["user_id"].row_keys
+    users = users[users != EMPTY_KEY]  # the ids that hold a row
+    rows = replayed.partitions["user_id"].table.lookup(users) + replayed.partitions["user_id"].first_row
+    assert torch.equal(lookup.rows_of(lookup.features.index("user_id"), users), rows)
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
+def test_admitted_rows_restart_from_their_initial_value_and_zero_optimizer_state(sharding):
+    ctx = init_distributed("cpu")
+    model_config = ModelConfig(embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,), num_embeddings={"user_id": 64, "item_id": 32})
+    specs = model_config.sparse_specs(["user_id", "item_id"])
+    model = build_ranker(model_config, specs, ([0.0], [1.0]), seed=0, device="meta")
+    sharded = shard_model(model, ctx.device, sparse_lr=0.5, sharding_types=[sharding])
+    sharded.load_state_dict(build_ranker(model_config, specs, ([0.0], [1.0]), seed=0).state_dict())
+    optimizer = combined_optimizer(sharded)
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    sparse = KeyedJaggedTensor.from_lengths_sync(["user_id", "item_id"], torch.tensor([5, 6, 1, 2]), torch.ones(4, dtype=torch.int32))
+    logits = sharded(torch.randn(2, 1), sparse)
+    torch.stack([v.sum() for v in logits.values()]).sum().backward()  # fused: updates rows 5, 6 now
+    optimizer.step()
+
+    reinit = RowReinitializer(sharded, optimizer, specs)
+    weight = sharded.state_dict()["embedding_bag_collection.embedding_bags.t_user_id.weight"].local_shards()[0].tensor
+    state = optimizer.state_dict()["state"]["embedding_bag_collection.embedding_bags.t_user_id.weight"]
+    momentum = next(iter(state.values())).local_shards()[0].tensor
+    assert float(momentum[5]) > 0 and float(momentum[6]) > 0
+    untouched = weight[6].clone()
+
+    new_id = torch.tensor([123456789])
+    reinit.apply({"user_id": Admitted(rows=torch.tensor([5]), ids=new_id)})
+    assert torch.equal(weight[5], initial_rows(new_id, "user_id", 8, 64)[0])
+    assert float(momentum[5]) == 0.0
+    assert torch.equal(weight[6], untouched) and float(momentum[6]) > 0
