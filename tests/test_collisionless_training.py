@@ -45,15 +45,17 @@ def test_checkpoint_keeps_the_id_maps_exactly(small_features, tmp_path):
     load_checkpoint(latest_checkpoint(tmp_path / "run"), model, ids=restored)
     for key, tensor in replayed.state_dict().items():
         assert torch.equal(restored.state_dict()[key], tensor), key
-    assert summary["id_tables"]["user_id"]["rows_used"] == replayed.partitions["user_id"].size() > 0
+    part = replayed.partition
+    user = part.feature_index("user_id")
+    assert summary["id_tables"]["user_id"]["rows_used"] == part.size(user) > 0
 
     # Evaluation/export read the same map, read-only.
     _, lookup, _ = load_trained_model(tmp_path / "run")
     assert isinstance(lookup, IdLookup)
-    users = replayed.partitions["user_id"].row_keys
+    users = part.tables[user].keys
     users = users[users != EMPTY_KEY]  # the ids that hold a row
-    rows = replayed.partitions["user_id"].table.lookup(users) + replayed.partitions["user_id"].first_row
-    assert torch.equal(lookup.rows_of(lookup.features.index("user_id"), users), rows)
+    feature = torch.full_like(users, user)
+    assert torch.equal(lookup.rows_of(feature, users), part.lookup(feature, users) + part.first_row[user])
 
 
 @pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])

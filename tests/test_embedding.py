@@ -13,7 +13,7 @@ from gpurec.embedding.collisionless import CollisionlessIds
 from gpurec.embedding.config import FeatureIdPolicy, IdTableConfig
 from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, bucket_pair, buckets_for_rows
 from gpurec.embedding.lookup import IdLookup
-from gpurec.embedding.partition import IdPartition
+from gpurec.embedding.partition import STAT_NAMES, FeatureBlock, IdPartition
 from gpurec.embedding.rows import initial_rows
 from gpurec.model.config import SparseFeatureSpec
 
@@ -107,58 +107,74 @@ def test_count_min_sketch_never_underestimates():
     assert bool((sketch.estimate(ids) >= 3 * truth).all())
 
 
-def _partition(capacity: int, admit_after: int = 1, expire_hours: float = 0, eviction: str = "lru") -> IdPartition:
-    policy = FeatureIdPolicy(admit_after=admit_after, expire_after_hours=expire_hours, unadmitted="zero")
-    return IdPartition(policy, eviction, block_start=0, block_rows=capacity, sketch=(1 << 14, 4))
+class OneFeature:
+    """An IdPartition holding a single feature, driven through the same calls training uses."""
+
+    def __init__(self, capacity: int, admit_after: int = 1, expire_hours: float = 0, eviction: str = "lru") -> None:
+        policy = FeatureIdPolicy(admit_after=admit_after, expire_after_hours=expire_hours, unadmitted="zero")
+        self.part = IdPartition([FeatureBlock("f", policy, 0, capacity)], eviction, sketch=(1 << 14, 4))
+
+    def assign(self, ids: torch.Tensor, times: torch.Tensor, clock_ms: int) -> torch.Tensor:
+        return self.part.assign(torch.zeros_like(ids), ids, times, clock_ms)[0]
+
+    def has_row(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.part.lookup(torch.zeros_like(ids), ids) >= 0
+
+    def stat(self, name: str) -> int:
+        return int(self.part.stats[0, STAT_NAMES.index(name)])
 
 
 def test_an_id_gets_a_row_only_after_admit_after_occurrences():
-    part = _partition(capacity=256, admit_after=3)
+    table = OneFeature(capacity=256, admit_after=3)
     ids = _random_ids(40)
     seen = torch.zeros(40, dtype=torch.int64)
     generator = torch.Generator().manual_seed(1)
     for step in range(8):
         batch = ids[torch.randint(0, 40, (25,), generator=generator)]
-        rows, _ = part.assign(batch, torch.full_like(batch, step), clock_ms=step)
+        rows = table.assign(batch, torch.full_like(batch, step), clock_ms=step)
         seen += (batch[:, None] == ids[None, :]).sum(0)
-        has_row = part.table.lookup(ids) >= 0
         # With a wide sketch the count is exact: admitted iff seen >= 3 times so far.
-        assert torch.equal(has_row, seen >= 3)
-        assert bool((rows[part.table.lookup(batch) < 0] == -1).all())
+        assert torch.equal(table.has_row(ids), seen >= 3)
+        assert torch.equal(rows >= 0, table.has_row(batch))
+    assert table.stat("admitted") == int((seen >= 3).sum())
 
 
 def test_full_table_evicts_least_recently_seen_first():
-    part = _partition(capacity=16, eviction="lru")
+    table = OneFeature(capacity=16, eviction="lru")
     ids = _random_ids(20)
     for step in range(16):  # id i last seen at time i
-        part.assign(ids[step : step + 1], torch.tensor([step]), clock_ms=step)
-    part.assign(ids[16:20], torch.full((4,), 100), clock_ms=100)
-    stored = part.table.lookup(ids) >= 0
-    assert stored.tolist() == [False] * 4 + [True] * 16
-    assert part.stats.tolist()[-1] == 4  # evicted_full
+        table.assign(ids[step : step + 1], torch.tensor([step]), clock_ms=step)
+    table.assign(ids[16:20], torch.full((4,), 100), clock_ms=100)
+    assert table.has_row(ids).tolist() == [False] * 4 + [True] * 16
+    assert table.stat("evicted_full") == 4
 
 
 def test_full_table_evicts_least_frequently_seen_first():
-    part = _partition(capacity=8, eviction="lfu")
+    table = OneFeature(capacity=8, eviction="lfu")
     ids = _random_ids(9)
     counts = torch.tensor([5, 1, 7, 2, 9, 3, 4, 6])
-    part.assign(ids[:8].repeat_interleave(counts), torch.zeros(int(counts.sum()), dtype=torch.int64), clock_ms=0)
-    part.assign(ids[8:9], torch.tensor([1]), clock_ms=1)
-    stored = part.table.lookup(ids) >= 0
-    assert stored.tolist() == [True, False, True, True, True, True, True, True, True]
+    table.assign(ids[:8].repeat_interleave(counts), torch.zeros(int(counts.sum()), dtype=torch.int64), clock_ms=0)
+    table.assign(ids[8:9], torch.tensor([1]), clock_ms=1)
+    assert table.has_row(ids).tolist() == [True, False, True, True, True, True, True, True, True]
 
 
 def test_expiry_evicts_exactly_the_stale_ids_and_frees_their_rows():
-    part = _partition(capacity=64, expire_hours=2)
+    table = OneFeature(capacity=64, expire_hours=2)
     ids = _random_ids(30)
     times = torch.arange(30) * (HOUR_MS // 10)  # id i last seen at i * 6 minutes
-    part.assign(ids, times, clock_ms=int(times.max()))
+    table.assign(ids, times, clock_ms=int(times.max()))
     clock = 5 * HOUR_MS
-    expired = part.expire(clock)
+    expired = table.part.expire(clock)
     stale = times < clock - 2 * HOUR_MS
-    assert expired == int(stale.sum()) > 0
-    assert torch.equal(part.table.lookup(ids) < 0, stale)
-    assert part.size() == int((~stale).sum())
+    assert expired == int(stale.sum()) == table.stat("expired") > 0
+    assert torch.equal(table.has_row(ids), ~stale)
+    assert table.part.size(0) == int((~stale).sum())
+    # Freed rows go to new ids; no row is ever held by two ids.
+    newcomers = _random_ids(40, seed=9)[: int(stale.sum())]
+    table.assign(newcomers, torch.full_like(newcomers, clock), clock_ms=clock)
+    holders = torch.cat([ids[~stale], newcomers])
+    rows = table.part.lookup(torch.zeros_like(holders), holders)
+    assert bool((rows >= 0).all()) and rows.unique().numel() == rows.numel()
 
 
 # --- the id map in front of the model ---------------------------------------------------------
@@ -186,7 +202,7 @@ def test_assign_maps_admitted_ids_to_rows_and_others_to_the_default_path():
     assert set(admitted) == {"user_id", "hashtags"}
     assert admitted["user_id"].rows.tolist() == [int(user_rows[0])]
 
-    lookup = IdLookup.from_partitions(["user_id", "hashtags"], [ids.partitions])
+    lookup = IdLookup.from_partitions([ids.partition])
     served = torch.jit.script(lookup)(_kjt([10, 11, 99], [[7, 8], [8], [7]]))
     assert served["user_id"].values().tolist() == [int(user_rows[0]), 0, 0]
     assert served["hashtags"].lengths().tolist() == [1, 0, 1]
@@ -202,12 +218,12 @@ def test_partitions_own_disjoint_row_blocks_and_lookup_reads_all_of_them():
     expected = {}
     for p, id_map in enumerate(maps):
         mine = users[owner == p]
-        rows, _ = id_map.partitions["user_id"].assign(mine, torch.zeros_like(mine), clock_ms=0)
+        rows, _ = id_map.partition.assign(torch.zeros_like(mine), mine, torch.zeros_like(mine), clock_ms=0)
         low, high = (1, 32) if p == 0 else (32, 64)  # row 0 is partition 0's default row
         assert bool(((rows >= low) & (rows < high)).all())
         expected.update(zip(mine.tolist(), rows.tolist(), strict=True))
-    lookup = IdLookup.from_partitions(["user_id", "hashtags"], [m.partitions for m in maps])
-    got = lookup.rows_of(0, users)
+    lookup = IdLookup.from_partitions([m.partition for m in maps])
+    got = lookup.rows_of(torch.zeros_like(users), users)
     assert got.tolist() == [expected[u] for u in users.tolist()]
 
 

@@ -145,6 +145,19 @@ def test_http_and_grpc_scores_equal_in_process(http, grpc, contract, rows, refer
     np.testing.assert_allclose(reference["score"], reference["like"] + reference["finish"], atol=1e-6)
 
 
+def test_compared_rows_cover_admitted_and_unknown_ids(run_dir, rows):
+    """The score comparisons above exercise both paths of the collisionless tables: ids with
+    their own rows and ids (new on the test day, or never admitted) that read the default row."""
+    _, lookup, _ = load_trained_model(run_dir)
+    arrays, _ = rows
+    has_row = [
+        lookup.rows_of(lookup.features.index(name), torch.from_numpy(arrays[name].reshape(-1))) >= 0
+        for name in ("user_id", "item_id")
+    ]
+    found = torch.cat(has_row)
+    assert 0 < int(found.sum()) < found.numel()
+
+
 def _recommend(client, module, arrays, candidate_ids, k) -> dict[str, np.ndarray]:
     request = {**arrays, "candidate_ids": candidate_ids, "k": np.array([k], dtype=np.int32)}
     result = client.infer("recommend", _inputs(module, request))

@@ -95,9 +95,12 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_shipped_configs_load_and_default_matches_the_dataclass():
+    from gpurec.embedding.config import IdTableConfig
     from gpurec.model.config import ModelConfig
     from gpurec.train.config import DEFAULT_CONFIG
 
-    assert load_configs(DEFAULT_CONFIG) == (ModelConfig(), TrainConfig())
+    # The shipped default adds one override to the dataclass defaults: item ids expire after 48 h.
+    item_expiry = IdTableConfig(features={"item_id": {"expire_after_hours": 48}})
+    assert load_configs(DEFAULT_CONFIG) == (ModelConfig(ids=item_expiry), TrainConfig())
     model, train_config = load_configs(DEFAULT_CONFIG.parent / "movielens.toml")
     assert model.embedding_dim == 16 and train_config.sparse_lr == 0.01

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gpurec.embedding.config import IdTableConfig
+from gpurec.embedding.config import DEFAULT_ROW, IdTableConfig
 from gpurec.embedding.cuckoo import fold_empty, owner_of
-from gpurec.embedding.partition import STAT_NAMES, Admitted, IdPartition
+from gpurec.embedding.partition import STAT_NAMES, Admitted, FeatureBlock, IdPartition
 from gpurec.model.config import SparseFeatureSpec
 
 
@@ -59,18 +59,13 @@ class CollisionlessIds:
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.partitions: dict[str, IdPartition] = {}
+        blocks = []
         for spec in specs:
             start, block = partition_block(spec.num_embeddings, rank, world_size)
-            self.partitions[spec.name] = IdPartition(
-                config.policy(spec.name),
-                config.eviction,
-                block_start=start,
-                block_rows=block,
-                sketch=(config.sketch_width, config.sketch_depth),
-                device=device,
-                backend=backend,
-            )
+            blocks.append(FeatureBlock(spec.name, config.policy(spec.name), block_start=start, block_rows=block))
+        self.partition = IdPartition(
+            blocks, config.eviction, sketch=(config.sketch_width, config.sketch_depth), device=device, backend=backend
+        )
 
     # --- the training step --------------------------------------------------------------------
 
@@ -82,47 +77,36 @@ class CollisionlessIds:
         re-initialise (already gathered from all ranks).
         """
         keys = features.keys()
-        unknown = [k for k in keys if k not in self.partitions]
+        unknown = [k for k in keys if k not in self.specs]
         if unknown:
             raise ValueError(f"CollisionlessIds: features {unknown} have no id table")
+        table_of_key = torch.tensor([self.partition.feature_index(k) for k in keys], device=features.values().device)
         lengths = features.lengths()
         batch = features.stride()
         ids = fold_empty(features.values())
         segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths.long(), output_size=ids.numel())
         times = event_time_ms.to(ids.device)[segment % batch]
-        feature = torch.div(segment, batch, rounding_mode="floor")
+        feature = table_of_key[torch.div(segment, batch, rounding_mode="floor")]
         clock = self._global_clock(event_time_ms)
 
-        self._admitted: dict[str, Admitted] = {}
-        rows = self._owner_rows(ids, feature, times, keys, clock)
-        admitted = self._gather_admissions()
+        rows, mine = self._owner_rows(ids, feature, times, clock)
+        admitted = self._gather_admissions(mine)
         return self._row_features(features, rows, feature), admitted
 
-    def _owner_rows(self, ids: torch.Tensor, feature: torch.Tensor, times: torch.Tensor, keys: list[str], clock: int) -> torch.Tensor:
-        """Each occurrence's row, computed by the partition that owns the id."""
+    def _owner_rows(self, ids: torch.Tensor, feature: torch.Tensor, times: torch.Tensor, clock: int) -> tuple[torch.Tensor, dict[str, Admitted]]:
+        """Each occurrence's row, computed by the partition that owns the id; and this rank's admissions."""
         if self.world_size == 1:
-            return self._local_rows(ids, feature, times, keys, clock)
+            return self.partition.assign(feature, ids, times, clock)
         owner = owner_of(ids, self.world_size)
         order = torch.sort(owner, stable=True).indices
         send_counts = torch.bincount(owner, minlength=self.world_size)
         payload = torch.stack([ids[order], feature[order], times[order]], dim=1)
         received, recv_counts = _all_to_all(payload, send_counts)
-        rows = self._local_rows(received[:, 0], received[:, 1], received[:, 2], keys, clock)
+        rows, admitted = self.partition.assign(received[:, 1], received[:, 0], received[:, 2], clock)
         answered, _ = _all_to_all(rows[:, None], recv_counts)
         result = torch.empty_like(ids)
         result[order] = answered[:, 0]
-        return result
-
-    def _local_rows(self, ids: torch.Tensor, feature: torch.Tensor, times: torch.Tensor, keys: list[str], clock: int) -> torch.Tensor:
-        """Rows from this rank's partitions (records the admissions in ``self._admitted``)."""
-        rows = torch.full_like(ids, -1)
-        for index, name in enumerate(keys):
-            mine = feature == index
-            if bool(mine.any()):
-                rows[mine], self._admitted[name] = self.partitions[name].assign(ids[mine], times[mine], clock)
-            else:  # no traffic for this partition in this step: it still ages
-                self.partitions[name].expire(clock)
-        return rows
+        return result, admitted
 
     def _global_clock(self, event_time_ms: torch.Tensor) -> int:
         clock = event_time_ms.max().reshape(1).to(torch.int64)
@@ -130,8 +114,9 @@ class CollisionlessIds:
             dist.all_reduce(clock, op=dist.ReduceOp.MAX)
         return int(clock)
 
-    def _gather_admissions(self) -> dict[str, Admitted]:
-        mine = {name: (a.rows.cpu(), a.ids.cpu()) for name, a in self._admitted.items() if a.rows.numel()}
+    def _gather_admissions(self, admitted: dict[str, Admitted]) -> dict[str, Admitted]:
+        """Every rank's admissions: any rank may hold a shard of a row another rank handed out."""
+        mine = {name: (a.rows.cpu(), a.ids.cpu()) for name, a in admitted.items() if a.rows.numel()}
         if self.world_size == 1:
             everyone = [mine]
         else:
@@ -149,9 +134,9 @@ class CollisionlessIds:
     def _row_features(self, features: KeyedJaggedTensor, rows: torch.Tensor, feature: torch.Tensor) -> KeyedJaggedTensor:
         """The batch with rows for ids; unadmitted ids -> default row or dropped, per feature."""
         keys = features.keys()
-        zero_features = [i for i, k in enumerate(keys) if self.partitions[k].policy.unadmitted == "zero"]
+        zero_features = [i for i, policy in enumerate(self.partition.policies) if policy.unadmitted == "zero"]
         missing = rows < 0
-        rows = torch.where(missing, torch.zeros_like(rows), rows)  # DEFAULT_ROW
+        rows = torch.where(missing, torch.full_like(rows, DEFAULT_ROW), rows)
         lengths = features.lengths()
         if zero_features:
             drop = missing & torch.isin(feature, torch.tensor(zero_features, device=rows.device))
@@ -166,12 +151,8 @@ class CollisionlessIds:
     # --- state and reporting ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors named ``<feature>.p<partition>.<field>``: rank-specific, for DCP."""
-        return {
-            f"{name}.p{self.rank}.{field}": tensor
-            for name, part in self.partitions.items()
-            for field, tensor in part.state_tensors().items()
-        }
+        """Flat tensors named ``p<partition>.<field>``: rank-specific, for DCP."""
+        return {f"p{self.rank}.{field}": tensor for field, tensor in self.partition.state_tensors().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for key, target in self.state_dict().items():
@@ -180,17 +161,18 @@ class CollisionlessIds:
             target.copy_(state[key])
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per feature, summed over ranks: rows used, capacity, occupancy and the counters."""
-        names = list(self.partitions)
-        local = torch.stack(
-            [torch.cat([torch.tensor([p.size(), p.capacity, p.table.size(), p.table.num_slots]), p.stats]) for p in self.partitions.values()]
-        )
+        """Per feature, summed over ranks: rows used, capacity, occupancy, load factor, counters."""
+        part = self.partition
+        sizes = [
+            [part.size(f), part.capacity[f], table.size(), table.num_slots] for f, table in enumerate(part.tables)
+        ]
+        local = torch.cat([torch.tensor(sizes, dtype=torch.int64), part.stats], dim=1)
         if self.world_size > 1 and dist.is_initialized():
             local = local.to(self.device)
             dist.all_reduce(local)
             local = local.cpu()
         report: dict[str, dict[str, float]] = {}
-        for name, row in zip(names, local.tolist(), strict=True):
+        for name, row in zip(part.names, local.tolist(), strict=True):
             used, capacity, stored, slots, *counters = row
             entry = {"rows_used": used, "capacity": capacity, "occupancy": used / capacity, "load_factor": stored / slots}
             entry.update(dict(zip(STAT_NAMES, counters, strict=True)))

@@ -25,6 +25,8 @@ interpreter) and Triton's compiled code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SLOTS = 8  # ids per bucket: 8 x int64 = one 64-byte cache line
@@ -58,9 +60,13 @@ def mix64(
 
 
 def bucket_pair(
-    ids: torch.Tensor, num_buckets: int, seed_1: int = SEED_1, seed_2: int = SEED_2
+    ids: torch.Tensor, num_buckets: torch.Tensor, seed_1: int = SEED_1, seed_2: int = SEED_2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two candidate buckets of each id (equal only when ``num_buckets == 1``)."""
+    """The two candidate buckets of each id (equal only when ``num_buckets == 1``).
+
+    ``num_buckets`` is an int, or a tensor with one bucket count per id when ids of several
+    tables are looked up at once.
+    """
     first = mix64(ids, seed_1) % num_buckets
     second = mix64(ids, seed_2) % num_buckets
     # A second hash that lands on the first bucket would halve the id's choices: take the next one.
@@ -73,6 +79,25 @@ def owner_of(ids: torch.Tensor, num_partitions: int, seed: int = OWNER_SEED) -> 
     return mix64(ids, seed) % num_partitions
 
 
+def probe(
+    keys: torch.Tensor, ids: torch.Tensor, slot_base: torch.Tensor, num_buckets: torch.Tensor, slots: int = SLOTS
+) -> torch.Tensor:
+    """The slot of ``keys`` holding each id, -1 where absent.
+
+    ``keys`` may hold several tables back to back: an id's table starts at slot ``slot_base``
+    and has ``num_buckets`` buckets (ints, or tensors with one value per id).
+    """
+    first, second = bucket_pair(ids, num_buckets)
+    offsets = torch.arange(slots, device=ids.device)
+    candidates = torch.cat(
+        [(slot_base + first * slots).unsqueeze(1) + offsets, (slot_base + second * slots).unsqueeze(1) + offsets], dim=1
+    )
+    hit = keys[candidates] == ids.unsqueeze(1)  # [n, 2 * slots]; at most one True per row
+    which = hit.to(torch.int8).argmax(dim=1, keepdim=True)
+    slot = candidates.gather(1, which).squeeze(1)
+    return torch.where(hit.any(dim=1), slot, torch.full_like(slot, -1))
+
+
 def fold_empty(ids: torch.Tensor) -> torch.Tensor:
     """Map the one reserved id (EMPTY_KEY) onto its neighbour so every id can be stored."""
     return torch.where(ids == EMPTY_KEY, torch.full_like(ids, EMPTY_KEY + 1), ids)
@@ -82,7 +107,7 @@ def buckets_for_rows(rows: int, target_load: float = 0.95) -> int:
     """Buckets needed so that ``rows`` ids fill the table to at most ``target_load``."""
     if rows <= 0:
         raise ValueError(f"rows must be positive, got {rows}")
-    return max(1, -(-rows // max(1, int(SLOTS * target_load))))
+    return max(1, math.ceil(rows / (SLOTS * target_load)))
 
 
 class CuckooTable:
@@ -94,15 +119,29 @@ class CuckooTable:
     id -> row mapping even though they may place ids in different slots.
     """
 
-    def __init__(self, num_buckets: int, device: torch.device | str = "cpu", backend: str = "torch") -> None:
+    def __init__(
+        self,
+        num_buckets: int,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+        storage: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """A new empty table, or one over ``storage``: (keys, slot_rows) views into larger
+        tensors that hold several tables back to back (what `IdPartition` does)."""
         if num_buckets <= 0:
             raise ValueError(f"num_buckets must be positive, got {num_buckets}")
         if backend not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
         self.num_buckets = num_buckets
         self.backend = backend
-        self.keys = torch.full((num_buckets * SLOTS,), EMPTY_KEY, dtype=torch.int64, device=device)
-        self.slot_rows = torch.full((num_buckets * SLOTS,), -1, dtype=torch.int32, device=device)
+        if storage is None:
+            storage = (
+                torch.full((num_buckets * SLOTS,), EMPTY_KEY, dtype=torch.int64, device=device),
+                torch.full((num_buckets * SLOTS,), -1, dtype=torch.int32, device=device),
+            )
+        self.keys, self.slot_rows = storage
+        if self.keys.numel() != num_buckets * SLOTS or self.slot_rows.numel() != num_buckets * SLOTS:
+            raise ValueError(f"a table of {num_buckets} buckets needs {num_buckets * SLOTS} slots")
 
     @property
     def num_slots(self) -> int:
@@ -121,13 +160,7 @@ class CuckooTable:
 
     def find_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """The slot holding each id, -1 where absent."""
-        first, second = bucket_pair(ids, self.num_buckets)
-        offsets = torch.arange(SLOTS, device=ids.device)
-        candidates = torch.cat([first[:, None] * SLOTS + offsets, second[:, None] * SLOTS + offsets], dim=1)
-        hit = self.keys[candidates] == ids[:, None]  # [n, 2 * SLOTS]; at most one True per row
-        which = hit.to(torch.int8).argmax(dim=1, keepdim=True)
-        slot = candidates.gather(1, which).squeeze(1)
-        return torch.where(hit.any(dim=1), slot, torch.full_like(slot, -1))
+        return probe(self.keys, ids, 0, self.num_buckets)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Row of each id (int64), -1 where the id is not stored."""

@@ -15,100 +15,99 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.config import DEFAULT_ROW
-from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, bucket_pair, owner_of
+from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, owner_of, probe
 from gpurec.embedding.partition import IdPartition
 
 
 class IdLookup(nn.Module):
-    """``forward(kjt of hashed ids) -> kjt of rows``, for features built with `from_partitions`."""
+    """``forward(kjt of hashed ids) -> kjt of rows``, built from every partition with `from_partitions`.
+
+    Layout: ``keys``/``slot_rows`` hold P partitions back to back, each holding its F feature
+    tables back to back (all partitions have the same shape); ``slot_base[p * F + f]`` is where
+    partition p's table of feature f starts, and ``slot_rows`` already holds global table rows.
+    """
 
     def __init__(
         self,
         features: list[str],
         num_buckets: list[int],
-        num_partitions: int,
+        slot_base: list[int],
         drop_unadmitted: list[bool],
         keys: torch.Tensor,
         slot_rows: torch.Tensor,
     ) -> None:
         super().__init__()
         self.features: list[str] = list(features)
-        self.num_buckets: list[int] = list(num_buckets)
-        self.num_partitions: int = num_partitions
-        self.drop_unadmitted: list[bool] = list(drop_unadmitted)
-        # Feature f's slots start at base[f]; within it, partition p's at p * num_buckets[f] * SLOTS.
-        base: list[int] = []
-        total = 0
-        for buckets in self.num_buckets:
-            base.append(total)
-            total += num_partitions * buckets * SLOTS
-        if keys.numel() != total or slot_rows.numel() != total:
-            raise ValueError(f"IdLookup: expected {total} slots, got {keys.numel()} keys and {slot_rows.numel()} rows")
-        self.base: list[int] = base
-        self.slots: int = SLOTS
-        self.empty_key: int = EMPTY_KEY
-        self.default_row: int = DEFAULT_ROW
+        self.num_partitions: int = len(slot_base) // len(features)
+        if len(slot_base) != self.num_partitions * len(features) or len(num_buckets) != len(features):
+            raise ValueError("IdLookup: slot_base needs one entry per (partition, feature), num_buckets one per feature")
+        if keys.numel() != slot_rows.numel():
+            raise ValueError(f"IdLookup: {keys.numel()} keys but {slot_rows.numel()} slot rows")
         self.register_buffer("keys", keys.to(torch.int64))
         self.register_buffer("slot_rows", slot_rows.to(torch.int64))
+        self.register_buffer("num_buckets", torch.tensor(num_buckets, dtype=torch.int64))
+        self.register_buffer("slot_base", torch.tensor(slot_base, dtype=torch.int64))
+        self.register_buffer("drop_unadmitted", torch.tensor(drop_unadmitted, dtype=torch.bool))
+        self.empty_key: int = EMPTY_KEY
+        self.default_row: int = DEFAULT_ROW
 
     @classmethod
-    def from_partitions(cls, features: list[str], partitions: list[dict[str, IdPartition]]) -> IdLookup:
-        """Build from every partition (``partitions[p][feature]``, p = 0..P-1) of every feature."""
-        keys, rows, buckets, drop = [], [], [], []
-        for feature in features:
-            parts = [by_feature[feature] for by_feature in partitions]
-            buckets.append(parts[0].table.num_buckets)
-            drop.append(parts[0].policy.unadmitted == "zero")
-            for part in parts:
-                if part.table.num_buckets != buckets[-1]:
-                    raise ValueError(f"partitions of {feature!r} differ in size")
-                keys.append(part.table.keys)
-                local = part.table.slot_rows.to(torch.int64)
-                rows.append(torch.where(local >= 0, local + part.first_row, local))
-        return cls(features, buckets, len(partitions), drop, torch.cat(keys), torch.cat(rows))
+    def from_partitions(cls, partitions: list[IdPartition]) -> IdLookup:
+        """Build from every partition (p = 0..P-1) of a training run's id maps."""
+        first = partitions[0]
+        keys, rows, slot_base = [], [], []
+        for part in partitions:
+            if part.names != first.names or part.num_buckets != first.num_buckets:
+                raise ValueError("partitions of one id map must hold the same features and table sizes")
+            offset = sum(k.numel() for k in keys)
+            local = part.slot_rows.to(torch.int64)
+            first_row = torch.repeat_interleave(
+                torch.tensor(part.first_row, dtype=torch.int64), torch.tensor([n * SLOTS for n in part.num_buckets])
+            )
+            keys.append(part.keys)
+            rows.append(torch.where(local >= 0, local + first_row, local))
+            slot_base.extend(offset + base for base in part.slot_base)
+        drop = [policy.unadmitted == "zero" for policy in first.policies]
+        return cls(first.names, first.num_buckets, slot_base, drop, torch.cat(keys), torch.cat(rows))
 
-    def rows_of(self, feature_index: int, ids: torch.Tensor) -> torch.Tensor:
-        """Global row of each id of one feature, -1 where the id has none."""
+    @torch.jit.unused
+    def stored_ids(self, feature: str) -> torch.Tensor:
+        """Every id of ``feature`` that has a row."""
+        f = self.features.index(feature)
+        found = [self._table_keys(p * len(self.features) + f, f) for p in range(self.num_partitions)]
+        keys = torch.cat(found)
+        return keys[keys != self.empty_key]
+
+    @torch.jit.unused
+    def _table_keys(self, base_index: int, feature: int) -> torch.Tensor:
+        start = int(self.slot_base[base_index])
+        return self.keys[start : start + int(self.num_buckets[feature]) * SLOTS]
+
+    def rows_of(self, feature: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Global row of each (feature index, id), -1 where the id has none."""
         ids = torch.where(ids == self.empty_key, torch.full_like(ids, self.empty_key + 1), ids)
-        buckets = self.num_buckets[feature_index]
-        first, second = bucket_pair(ids, buckets)
-        start = self.base[feature_index] + owner_of(ids, self.num_partitions) * (buckets * self.slots)
-        offsets = torch.arange(self.slots, device=ids.device)
-        candidates = torch.cat(
-            [(start + first * self.slots).unsqueeze(1) + offsets, (start + second * self.slots).unsqueeze(1) + offsets], dim=1
-        )
-        hit = self.keys[candidates] == ids.unsqueeze(1)
-        rows = torch.where(hit, self.slot_rows[candidates], torch.full_like(candidates, -1))
-        return rows.max(dim=1).values  # at most one hit; -1 when none
+        owner = owner_of(ids, self.num_partitions)
+        base = self.slot_base[owner * len(self.features) + feature]
+        slot = probe(self.keys, ids, base, self.num_buckets[feature])
+        rows = self.slot_rows[slot.clamp(min=0)]
+        return torch.where(slot >= 0, rows, torch.full_like(rows, -1))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()
-        values = features.values()
-        lengths = features.lengths()
-        length_per_key = features.length_per_key()
-        out_values: list[torch.Tensor] = []
-        out_lengths: list[torch.Tensor] = []
-        batch = features.stride()
-        start = 0
-        for position, key in enumerate(keys):
+        table_of_key: list[int] = []
+        for key in keys:
             if key not in self.features:
                 raise ValueError("IdLookup: feature " + key + " has no id table")
-            index = self.features.index(key)
-            count = length_per_key[position]
-            ids = values[start : start + count]
-            key_lengths = lengths[position * batch : (position + 1) * batch]
-            rows = self.rows_of(index, ids)
-            missing = rows < 0
-            if self.drop_unadmitted[index]:
-                segment = torch.repeat_interleave(torch.arange(batch, device=ids.device), key_lengths.long(), output_size=count)
-                dropped = torch.zeros(batch, dtype=key_lengths.dtype, device=ids.device)
-                dropped.index_add_(0, segment[missing], torch.ones_like(segment[missing], dtype=key_lengths.dtype))
-                out_values.append(rows[~missing])
-                out_lengths.append(key_lengths - dropped)
-            else:
-                out_values.append(torch.where(missing, torch.full_like(rows, self.default_row), rows))
-                out_lengths.append(key_lengths)
-            start += count
-        return KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=torch.cat(out_values), lengths=torch.cat(out_lengths), weights=None, stride=batch
-        )
+            table_of_key.append(self.features.index(key))
+        values = features.values()
+        lengths = features.lengths()
+        batch = features.stride()
+        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long(), output_size=values.numel())
+        feature = torch.tensor(table_of_key, dtype=torch.int64, device=values.device)[torch.div(segment, batch, rounding_mode="floor")]
+        rows = self.rows_of(feature, values)
+        missing = rows < 0
+        drop = missing & self.drop_unadmitted[feature]
+        rows = torch.where(missing, torch.full_like(rows, self.default_row), rows)
+        # Dropped ids leave their bag: a bag of only unknown ids pools to the zero vector.
+        lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
+        return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=rows[~drop], lengths=lengths, weights=None, stride=batch)

@@ -1,18 +1,21 @@
-"""One feature's ids in one partition: who has a row, who is still earning one, who goes stale.
+"""One partition of every feature's id map: who has a row, who is still earning one, who is stale.
 
-A partition owns a contiguous block of its table's rows (all of them in a single process; in
-row-wise training, exactly the block TorchRec places on the owning rank). It keeps:
+A partition owns, per feature, a contiguous block of that feature's table rows (all of them in a
+single process; in row-wise training, exactly the block TorchRec places on the owning rank). It
+keeps, for all features back to back in flat tensors so that a training step is a fixed number
+of vectorised operations however many features there are:
 
-- a `CuckooTable` from id to row (collision-free: one id, one row),
+- per feature a `CuckooTable` from id to row (views into one ``keys``/``slot_rows`` pair),
 - per row: the id holding it, its occurrence count and last-seen event time,
-- a stack of free rows,
-- a `CountMinSketch` of occurrences of ids that have no row yet,
-- counters: admissions, expirations, evictions of a full table, default-path occurrences.
+- per feature a stack of free rows,
+- one `CountMinSketch` (ids salted by feature) counting ids that have no row yet,
+- per feature counters: occurrences, default-path occurrences, admissions, expirations,
+  evictions of a full table.
 
-`assign` is one training step's update for the ids the partition owns: count them, expire stale
-ids, admit ids whose count reached `admit_after` (evicting by LRU/LFU when no row is free), and
-return every occurrence's row (-1: not admitted). Which rows were just handed out is returned
-too, because their embeddings and optimizer state must be re-initialised before they are read.
+`assign` is one training step for the ids the partition owns: count them, expire stale ids,
+admit ids whose count reached `admit_after` (evicting by LRU/LFU when no row is free), and
+return every occurrence's row (-1: not admitted) plus the rows just handed out, whose embeddings
+and optimizer state must be re-initialised before they are read.
 """
 
 from __future__ import annotations
@@ -21,12 +24,23 @@ from dataclasses import dataclass
 
 import torch
 
+from gpurec.data.hashing_core import feature_salt
 from gpurec.embedding.admission import CountMinSketch
 from gpurec.embedding.config import EvictionPolicy, FeatureIdPolicy
-from gpurec.embedding.cuckoo import EMPTY_KEY, CuckooTable, buckets_for_rows
+from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, buckets_for_rows, probe
 
 NEVER = torch.iinfo(torch.int64).min
 STAT_NAMES: tuple[str, ...] = ("occurrences", "unadmitted", "admitted", "expired", "evicted_full")
+
+
+@dataclass(frozen=True)
+class FeatureBlock:
+    """Which rows of one feature's table a partition owns."""
+
+    name: str
+    policy: FeatureIdPolicy
+    block_start: int  # global table row where the partition's block starts
+    block_rows: int
 
 
 @dataclass(frozen=True)
@@ -40,36 +54,64 @@ class Admitted:
 class IdPartition:
     def __init__(
         self,
-        policy: FeatureIdPolicy,
+        blocks: list[FeatureBlock],
         eviction: EvictionPolicy,
-        block_start: int,
-        block_rows: int,
         sketch: tuple[int, int],
         device: torch.device | str = "cpu",
         backend: str = "torch",
     ) -> None:
-        self.policy, self.eviction = policy, eviction
-        reserved = policy.reserved_rows if block_start == 0 else 0
-        self.first_row = block_start + reserved  # global table row of local row 0
-        self.capacity = block_rows - reserved
-        if self.capacity <= 0:
-            raise ValueError(f"a partition of {block_rows} rows has no room for ids (reserved {reserved})")
+        self.names = [b.name for b in blocks]
+        self.policies = [b.policy for b in blocks]
+        self.eviction = eviction
+        device = torch.device(device)
+        reserved = [b.policy.reserved_rows if b.block_start == 0 else 0 for b in blocks]
+        self.capacity = [b.block_rows - r for b, r in zip(blocks, reserved, strict=True)]
+        for block, capacity in zip(blocks, self.capacity, strict=True):
+            if capacity <= 0:
+                raise ValueError(f"{block.name}: a partition of {block.block_rows} rows has no room for ids")
+        self.first_row = [b.block_start + r for b, r in zip(blocks, reserved, strict=True)]  # global row of local row 0
         # Sized from the block, not the capacity, so every partition of a table has the same shape.
-        self.table = CuckooTable(buckets_for_rows(block_rows), device=device, backend=backend)
-        self.row_keys = torch.full((self.capacity,), EMPTY_KEY, dtype=torch.int64, device=device)
-        self.row_counts = torch.zeros(self.capacity, dtype=torch.int64, device=device)
-        self.row_last_seen = torch.full((self.capacity,), NEVER, dtype=torch.int64, device=device)
-        self.free_rows = torch.arange(self.capacity - 1, -1, -1, dtype=torch.int64, device=device)
+        self.num_buckets = [buckets_for_rows(b.block_rows) for b in blocks]
+        self.slot_base = _offsets([n * SLOTS for n in self.num_buckets])
+        self.row_base = _offsets(self.capacity)
+        slots, rows = sum(n * SLOTS for n in self.num_buckets), sum(self.capacity)
+
+        self.keys = torch.full((slots,), EMPTY_KEY, dtype=torch.int64, device=device)
+        self.slot_rows = torch.full((slots,), -1, dtype=torch.int32, device=device)
+        self.tables = [
+            CuckooTable(n, backend=backend, storage=(self.keys[base : base + n * SLOTS], self.slot_rows[base : base + n * SLOTS]))
+            for n, base in zip(self.num_buckets, self.slot_base, strict=True)
+        ]
+        self.row_keys = torch.full((rows,), EMPTY_KEY, dtype=torch.int64, device=device)
+        self.row_counts = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.row_last_seen = torch.full((rows,), NEVER, dtype=torch.int64, device=device)
+        # Feature f's free stack is free_rows[row_base[f] : row_base[f] + num_free[f]] (local rows).
+        self.free_rows = torch.cat([torch.arange(c - 1, -1, -1, dtype=torch.int64) for c in self.capacity]).to(device)
         self.num_free = torch.tensor(self.capacity, dtype=torch.int64)
         self.sketch = CountMinSketch(sketch[0], sketch[1], device=device)
-        self.stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
+        self.stats = torch.zeros(len(blocks), len(STAT_NAMES), dtype=torch.int64)
+
+        # Per-feature constants as tensors, gathered per id in the vectorised step.
+        def per_feature(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        self._slot_base = per_feature(self.slot_base)
+        self._num_buckets = per_feature(self.num_buckets)
+        self._row_base = per_feature(self.row_base)
+        self._first_row = per_feature(self.first_row)
+        self._admit_after = per_feature([p.admit_after for p in self.policies])
+        self._salt = per_feature([_signed(feature_salt(name)) for name in self.names])
+        never = torch.iinfo(torch.int64).max // 4  # "no expiry": a horizon no clock reaches
+        horizons = per_feature([p.expire_after_ms or never for p in self.policies])
+        self._row_horizon = torch.repeat_interleave(horizons, per_feature(self.capacity))
+        self._expires = any(p.expire_after_ms > 0 for p in self.policies)
 
     # --- state --------------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {
-            "keys": self.table.keys,
-            "slot_rows": self.table.slot_rows,
+            "keys": self.keys,
+            "slot_rows": self.slot_rows,
             "row_keys": self.row_keys,
             "row_counts": self.row_counts,
             "row_last_seen": self.row_last_seen,
@@ -79,108 +121,172 @@ class IdPartition:
             "stats": self.stats,
         }
 
-    def size(self) -> int:
-        return self.capacity - int(self.num_free)
+    def feature_index(self, name: str) -> int:
+        return self.names.index(name)
 
-    def _count(self, name: str, amount: int) -> None:
-        self.stats[STAT_NAMES.index(name)] += amount
+    def size(self, feature: int) -> int:
+        """Rows of ``feature`` held by ids."""
+        return self.capacity[feature] - int(self.num_free[feature])
+
+    def lookup(self, feature: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Local row (within its feature's block) of each (feature, id), -1 where it has none."""
+        slot = probe(self.keys, ids, self._slot_base[feature], self._num_buckets[feature])
+        rows = self.slot_rows[slot.clamp(min=0)].to(torch.int64)
+        return torch.where(slot >= 0, rows, torch.full_like(rows, -1))
 
     # --- the training step --------------------------------------------------------------------
 
-    def assign(self, ids: torch.Tensor, times: torch.Tensor, clock_ms: int) -> tuple[torch.Tensor, Admitted]:
-        """Rows (global; -1 = not admitted) for every occurrence in ``ids``, and this step's admissions."""
-        unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        last = torch.full_like(unique, NEVER).scatter_reduce_(0, inverse, times, reduce="amax")
-        rows = self.table.lookup(unique)
-        present = rows >= 0
-        seen = rows[present]
-        self.row_counts[seen] += counts[present]
-        self.row_last_seen[seen] = torch.maximum(self.row_last_seen[seen], last[present])
-        touched = torch.zeros(self.capacity, dtype=torch.bool, device=ids.device)
-        touched[seen] = True
+    def assign(self, feature: torch.Tensor, ids: torch.Tensor, times: torch.Tensor, clock_ms: int) -> tuple[torch.Tensor, dict[str, Admitted]]:
+        """Global rows (-1 = not admitted) of every occurrence (``feature[i]``, ``ids[i]``), seen at
+        ``times[i]``; and per feature, this step's admissions."""
+        unique_feature, unique_ids, inverse, counts = _unique_pairs(feature, ids)
+        last = torch.full_like(unique_ids, NEVER).scatter_reduce_(0, inverse, times, reduce="amax")
+        local = self.lookup(unique_feature, unique_ids)
+        present = local >= 0
+        flat = self._row_base[unique_feature[present]] + local[present]
+        self.row_counts[flat] += counts[present]
+        self.row_last_seen[flat] = torch.maximum(self.row_last_seen[flat], last[present])
+        touched = torch.zeros_like(self.row_keys, dtype=torch.bool)
+        touched[flat] = True
 
         self.expire(clock_ms, protect=touched)
-        admitted = self._admit(unique[~present], counts[~present], last[~present], touched)
-        if admitted.numel():
-            rows = self.table.lookup(unique)  # admissions may have displaced (and dropped) residents
-        occurrence_rows = rows[inverse]
-        missing = occurrence_rows < 0
-        self._count("occurrences", ids.numel())
-        self._count("unadmitted", int(missing.sum()))
-        global_rows = torch.where(missing, occurrence_rows, occurrence_rows + self.first_row)
-        new_rows = self.table.lookup(admitted)  # -1 for any new id that ended homeless
-        kept = new_rows >= 0
-        return global_rows, Admitted(rows=new_rows[kept] + self.first_row, ids=admitted[kept])
+        absent = (~present).nonzero().squeeze(1)
+        admitted, displaced = self._admit(unique_feature[absent], unique_ids[absent], counts[absent], last[absent], touched)
+        if displaced:  # rare: an insert left a resident without a slot, so it lost its row
+            local = self.lookup(unique_feature, unique_ids)
+        elif admitted:
+            local[absent] = self.lookup(unique_feature[absent], unique_ids[absent])
 
-    def _admit(self, ids: torch.Tensor, counts: torch.Tensor, last: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
-        """Give rows to the ids whose count reached the threshold; return the ids admitted."""
+        occurrence_feature, occurrence_local = feature, local[inverse]
+        missing = occurrence_local < 0
+        num_features = len(self.names)
+        self.stats[:, 0] += torch.bincount(occurrence_feature, minlength=num_features).cpu()
+        self.stats[:, 1] += torch.bincount(occurrence_feature[missing], minlength=num_features).cpu()
+        rows = torch.where(missing, occurrence_local, occurrence_local + self._first_row[occurrence_feature])
+        return rows, admitted
+
+    def _admit(
+        self, feature: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, last: torch.Tensor, touched: torch.Tensor
+    ) -> tuple[dict[str, Admitted], bool]:
+        """Give rows to the ids whose count reached their feature's threshold; say whether any
+        resident id was displaced out of its table on the way."""
         if ids.numel() == 0:
-            return ids
-        # admit_after = 1 admits at first sight: no need to count in the sketch.
-        estimate = counts if self.policy.admit_after <= 1 else self.sketch.add(ids, counts)
-        earned = estimate >= self.policy.admit_after
-        ids, estimate, last = ids[earned], estimate[earned], last[earned]
-        if ids.numel() == 0:
-            return ids
-        shortfall = ids.numel() - int(self.num_free)
+            return {}, False
+        threshold = self._admit_after[feature]
+        estimate = counts.clone()
+        counted = threshold > 1  # admit_after = 1 admits at first sight: no need to count
+        if bool(counted.any()):
+            estimate[counted] = self.sketch.add(ids[counted] ^ self._salt[feature[counted]], counts[counted])
+        earned = estimate >= threshold
+        admitted: dict[str, Admitted] = {}
+        displaced = False
+        for f in torch.unique(feature[earned]).tolist():
+            mine = earned & (feature == f)
+            new, lost = self._admit_feature(f, ids[mine], estimate[mine], last[mine], touched)
+            displaced |= lost
+            if new.rows.numel():
+                admitted[self.names[f]] = new
+        return admitted, displaced
+
+    def _admit_feature(
+        self, f: int, ids: torch.Tensor, estimate: torch.Tensor, last: torch.Tensor, touched: torch.Tensor
+    ) -> tuple[Admitted, bool]:
+        shortfall = ids.numel() - int(self.num_free[f])
         if shortfall > 0:
-            self._evict_by_policy(shortfall, protect=touched)
-        room = int(self.num_free)
+            self._evict_by_policy(f, shortfall, protect=touched)
+        room = int(self.num_free[f])
         if room < ids.numel():
             # Still short (every row was used by this very batch): the most frequent ids go first.
             order = torch.sort(estimate, descending=True, stable=True).indices[:room]
             ids, estimate, last = ids[order], estimate[order], last[order]
-        rows = self._pop_rows(ids.numel())
-        self.row_keys[rows] = ids
-        self.row_counts[rows] = estimate
-        self.row_last_seen[rows] = last
-        homeless_ids, homeless_rows = self.table.insert(ids, rows)
+        rows = self._pop_rows(f, ids.numel())
+        flat = self.row_base[f] + rows
+        self.row_keys[flat] = ids
+        self.row_counts[flat] = estimate
+        self.row_last_seen[flat] = last
+        homeless_ids, homeless_rows = self.tables[f].insert(ids, rows)
+        kept = torch.ones_like(ids, dtype=torch.bool)
+        residents_lost = 0
         if homeless_ids.numel():
             was_new = torch.isin(homeless_ids, ids)
-            self._release(homeless_rows)
-            self._count("evicted_full", int((~was_new).sum()))
-        self._count("admitted", ids.numel() - int(torch.isin(ids, homeless_ids).sum()))
-        return ids
+            self._release(f, homeless_rows)
+            residents_lost = int((~was_new).sum())
+            self.stats[f, 4] += residents_lost
+            kept = ~torch.isin(ids, homeless_ids)
+        self.stats[f, 2] += int(kept.sum())
+        return Admitted(rows=rows[kept] + self.first_row[f], ids=ids[kept]), residents_lost > 0
 
     def expire(self, clock_ms: int, protect: torch.Tensor | None = None) -> int:
-        """Evict ids last seen more than the feature's expiry before ``clock_ms``; return how many."""
-        horizon = self.policy.expire_after_ms
-        if horizon <= 0:
+        """Evict every id last seen more than its feature's expiry before ``clock_ms``."""
+        if not self._expires:
             return 0
-        stale = (self.row_keys != EMPTY_KEY) & (self.row_last_seen < clock_ms - horizon)
+        stale = (self.row_keys != EMPTY_KEY) & (self.row_last_seen < clock_ms - self._row_horizon)
         if protect is not None:
             stale &= ~protect
-        rows = stale.nonzero().squeeze(1)
-        if rows.numel():
-            self._evict_rows(rows)
-            self._count("expired", rows.numel())
-        return rows.numel()
+        flat = stale.nonzero().squeeze(1)
+        if flat.numel() == 0:
+            return 0
+        feature = torch.bucketize(flat, self._row_base, right=True) - 1
+        for f in torch.unique(feature).tolist():
+            rows = flat[feature == f] - self.row_base[f]
+            self._evict_rows(f, rows)
+            self.stats[f, 3] += rows.numel()
+        return flat.numel()
 
-    def _evict_by_policy(self, count: int, protect: torch.Tensor) -> None:
-        """Free ``count`` rows: least recently seen (lru) or least often seen (lfu) first."""
-        candidates = ((self.row_keys != EMPTY_KEY) & ~protect).nonzero().squeeze(1)
-        score = self.row_last_seen if self.eviction == "lru" else self.row_counts
-        order = torch.sort(score[candidates], stable=True).indices[:count]
-        victims = candidates[order]
+    def _evict_by_policy(self, f: int, count: int, protect: torch.Tensor) -> None:
+        """Free ``count`` rows of feature f: least recently (lru) or least often (lfu) seen first."""
+        start, end = self.row_base[f], self.row_base[f] + self.capacity[f]
+        candidates = ((self.row_keys[start:end] != EMPTY_KEY) & ~protect[start:end]).nonzero().squeeze(1)
+        score = (self.row_last_seen if self.eviction == "lru" else self.row_counts)[start:end]
+        victims = candidates[torch.sort(score[candidates], stable=True).indices[:count]]
         if victims.numel():
-            self._evict_rows(victims)
-            self._count("evicted_full", victims.numel())
+            self._evict_rows(f, victims)
+            self.stats[f, 4] += victims.numel()
 
-    def _evict_rows(self, rows: torch.Tensor) -> None:
-        self.table.remove(self.row_keys[rows])
-        self._release(rows)
+    def _evict_rows(self, f: int, rows: torch.Tensor) -> None:
+        self.tables[f].remove(self.row_keys[self.row_base[f] + rows])
+        self._release(f, rows)
 
-    def _release(self, rows: torch.Tensor) -> None:
+    def _release(self, f: int, rows: torch.Tensor) -> None:
         """Clear the rows' metadata and push them on the free stack (their embeddings are reset on reuse)."""
-        self.row_keys[rows] = EMPTY_KEY
-        self.row_counts[rows] = 0
-        self.row_last_seen[rows] = NEVER
-        start = int(self.num_free)
-        self.free_rows[start : start + rows.numel()] = rows
-        self.num_free += rows.numel()
+        flat = self.row_base[f] + rows
+        self.row_keys[flat] = EMPTY_KEY
+        self.row_counts[flat] = 0
+        self.row_last_seen[flat] = NEVER
+        top = self.row_base[f] + int(self.num_free[f])
+        self.free_rows[top : top + rows.numel()] = rows
+        self.num_free[f] += rows.numel()
 
-    def _pop_rows(self, count: int) -> torch.Tensor:
-        end = int(self.num_free)
-        rows = self.free_rows[end - count : end].flip(0).clone()
-        self.num_free -= count
+    def _pop_rows(self, f: int, count: int) -> torch.Tensor:
+        top = self.row_base[f] + int(self.num_free[f])
+        rows = self.free_rows[top - count : top].flip(0).clone()
+        self.num_free[f] -= count
         return rows
+
+
+def _unique_pairs(feature: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct (feature, id) pairs, the pair index of every input, and each pair's count."""
+    if ids.numel() == 0:
+        empty = ids.new_empty(0)
+        return empty, empty, empty, empty
+    by_id = torch.sort(ids, stable=True).indices
+    order = by_id[torch.sort(feature[by_id], stable=True).indices]  # lexicographic (feature, id)
+    sorted_feature, sorted_ids = feature[order], ids[order]
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = (sorted_feature[1:] != sorted_feature[:-1]) | (sorted_ids[1:] != sorted_ids[:-1])
+    group = torch.cumsum(starts, dim=0) - 1
+    inverse = torch.empty_like(group)
+    inverse[order] = group
+    return sorted_feature[starts], sorted_ids[starts], inverse, torch.bincount(group)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value

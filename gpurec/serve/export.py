@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpurec.embedding.lookup import IdLookup
 from gpurec.embedding.modulo import ModuloRemap
 from gpurec.model.dlrm import MultiTaskDLRM
 from gpurec.serve.artifact import build_serving_ranker, save_artifact, to_tensors
@@ -120,23 +121,39 @@ def next_version(repo: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def sample_rows(contract: ServingContract, rows: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
-    """Generated contract rows (random hashed ids, some padding, unit-scale dense) for checks."""
+def sample_rows(
+    contract: ServingContract, rows: int = 64, seed: int = 0, known_ids: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Generated contract rows (random hashed ids, some padding, unit-scale dense) for checks.
+
+    With `known_ids` (per feature, ids that have a row), about half the ids are drawn from them,
+    so a check covers both admitted ids and the default path of unknown ones.
+    """
     rng = np.random.default_rng(seed)
+    known_ids = known_ids or {}
     arrays: dict[str, np.ndarray] = {
         DENSE_INPUT: rng.normal(size=(rows, len(contract.dense_features))).astype(np.float32)
     }
-    for name in contract.sparse_features:
-        arrays[name] = rng.integers(-(2**63), 2**63 - 1, size=(rows, 1), dtype=np.int64)
-    for name in contract.multi_valued_features:
-        ids = rng.integers(-(2**63), 2**63 - 1, size=(rows, 4), dtype=np.int64)
+
+    def draw(name: str, shape: tuple[int, int]) -> np.ndarray:
+        ids = rng.integers(-(2**63), 2**63 - 1, size=shape, dtype=np.int64)
+        known = known_ids.get(name)
+        if known is not None and known.size:
+            use = rng.random(shape) < 0.5
+            ids[use] = rng.choice(known, size=int(use.sum()))
         ids[ids == PAD_ID] = 0
+        return ids
+
+    for name in contract.sparse_features:
+        arrays[name] = draw(name, (rows, 1))
+    for name in contract.multi_valued_features:
+        ids = draw(name, (rows, 4))
         ids[np.arange(4)[None, :] >= rng.integers(0, 5, size=(rows, 1))] = PAD_ID
         arrays[name] = ids
     return arrays
 
 
-def eager_scores(model: MultiTaskDLRM, remap: ModuloRemap, contract: ServingContract, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def eager_scores(model: MultiTaskDLRM, remap: ModuloRemap | IdLookup, contract: ServingContract, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The trained eager model's per-task probabilities and score for contract rows (the reference)."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -194,10 +211,11 @@ def export_repository(
     return ExportResult(repo=repo, version=version, contract=contract, max_abs_diff=max_diff)
 
 
-def _check_artifact(path: Path, model: MultiTaskDLRM, remap: ModuloRemap, contract: ServingContract) -> float:
+def _check_artifact(path: Path, model: MultiTaskDLRM, remap: ModuloRemap | IdLookup, contract: ServingContract) -> float:
     """Load the saved artifact back and compare it with the eager model; refuse a mismatch."""
     loaded = torch.jit.load(str(path))
-    arrays = sample_rows(contract)
+    known = {name: remap.stored_ids(name).numpy() for name in remap.features} if isinstance(remap, IdLookup) else None
+    arrays = sample_rows(contract, known_ids=known)
     expected = eager_scores(model, remap, contract, arrays)
     with torch.no_grad():
         got = loaded(*to_tensors(arrays, contract))

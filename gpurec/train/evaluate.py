@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from gpurec.data import logs
+from gpurec.embedding.lookup import IdLookup
 from gpurec.embedding.modulo import ModuloRemap
 from gpurec.model.dlrm import MultiTaskDLRM
 from gpurec.preprocess.manifest import Manifest, load_manifest
@@ -48,7 +49,7 @@ def task_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float
 
 def model_scores(
     model: MultiTaskDLRM,
-    remap: ModuloRemap,
+    remap: ModuloRemap | IdLookup,
     manifest: Manifest,
     files: list[Path],
     batch_size: int = 8192,

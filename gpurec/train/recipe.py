@@ -252,5 +252,5 @@ def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRem
     partitions = int(extra["world_size"])
     id_maps = [CollisionlessIds(specs, model_config.ids, rank=p, world_size=partitions) for p in range(partitions)]
     load_checkpoint(path, model, ids=id_maps)
-    lookup = IdLookup.from_partitions([s.name for s in specs], [m.partitions for m in id_maps])
+    lookup = IdLookup.from_partitions([m.partition for m in id_maps])
     return model.eval(), lookup, state
