@@ -139,6 +139,32 @@ def test_an_id_gets_a_row_only_after_admit_after_occurrences():
     assert table.stat("admitted") == int((seen >= 3).sum())
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    capacity=st.integers(4, 40),
+    admit_after=st.integers(1, 3),
+    eviction=st.sampled_from(["lru", "lfu"]),
+    stream=st.lists(st.lists(st.integers(0, 120), min_size=1, max_size=60), min_size=1, max_size=8),
+)
+def test_admitted_ids_never_share_a_row(capacity, admit_after, eviction, stream):
+    """Random id streams through a small table: admissions, LRU/LFU evictions of a full table and
+    expiry churn rows constantly. At every step each stored id owns exactly one row, no row has
+    two ids, and the row metadata names the id the map points at."""
+    table = OneFeature(capacity=capacity, admit_after=admit_after, expire_hours=1, eviction=eviction)
+    vocabulary = _random_ids(121, seed=capacity)
+    for step, batch in enumerate(stream):
+        ids = vocabulary[torch.tensor(batch)]
+        clock = step * HOUR_MS // 2
+        rows = table.assign(ids, torch.full_like(ids, clock), clock_ms=clock)
+        stored = table.part.row_keys[table.part.row_keys != EMPTY_KEY]
+        assert stored.unique().numel() == stored.numel() == table.part.size(0) <= capacity
+        own = table.part.lookup(torch.zeros_like(stored), stored)
+        assert own.unique().numel() == own.numel()
+        assert torch.equal(table.part.row_keys[own], stored)
+        # The step's answer agrees with the map: same row for the same id, -1 only without one.
+        assert torch.equal(rows, torch.where(table.has_row(ids), table.part.lookup(torch.zeros_like(ids), ids), -1))
+
+
 def test_full_table_evicts_least_recently_seen_first():
     table = OneFeature(capacity=16, eviction="lru")
     ids = _random_ids(20)

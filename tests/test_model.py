@@ -52,7 +52,10 @@ def make_batch(batch_size: int, generator: torch.Generator) -> tuple[torch.Tenso
 
 
 def test_default_toml_is_the_default_config():
-    assert load_model_config(DEFAULT_TOML) == ModelConfig()
+    from gpurec.embedding.config import IdTableConfig
+
+    # One addition to the dataclass defaults: item ids expire after 48 h of event time.
+    assert load_model_config(DEFAULT_TOML) == ModelConfig(ids=IdTableConfig(features={"item_id": {"expire_after_hours": 48}}))
 
 
 def test_unknown_key_is_named(tmp_path):

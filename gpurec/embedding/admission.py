@@ -5,7 +5,9 @@ Keeping an exact count for every id ever seen would cost what the filter is mean
 not-yet-admitted ids are counted in ``depth`` rows of ``width`` int32 counters, each row indexed
 by its own hash. The estimate (the minimum over rows) is never below the true count, so an id
 that has earned a row always gets it; with conservative update (raise a counter only as far as
-the id needs) it overestimates rarely, i.e. an id is seldom admitted early.
+the id needs) it overestimates rarely, i.e. an id is seldom admitted early. Its owner
+(`IdPartition`) halves the counters periodically so that an endless stream of new ids cannot
+saturate it: counts are then recent counts.
 """
 
 from __future__ import annotations

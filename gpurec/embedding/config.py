@@ -60,7 +60,7 @@ class IdTableConfig:
     expire_after_hours: float = 0.0
     eviction: EvictionPolicy = "lru"
     unadmitted: Unadmitted = "default_row"
-    sketch_width: int = 1 << 16  # count-min counters per row, per feature and partition
+    sketch_width: int = 1 << 16  # count-min counters per row, per counting feature and partition
     sketch_depth: int = 4
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -113,8 +113,8 @@ def buckets_for_rows(rows: int, target_load: float = 0.95) -> int:
 class CuckooTable:
     """One partition's id -> row map: batched ``lookup``, ``insert`` and ``remove`` over tensors.
 
-    Ids handed to ``insert`` must be distinct and not yet stored (the collisionless layer above
-    guarantees it; ``insert`` checks it on request). Nothing here allocates rows: the caller
+    Ids handed to ``insert`` must be distinct, not yet stored and not EMPTY_KEY (the collisionless
+    layer above guarantees it; ``fold_empty`` maps EMPTY_KEY away). Nothing here allocates rows: the caller
     chooses which row each new id gets, so the GPU kernel and this reference produce the same
     id -> row mapping even though they may place ids in different slots.
     """
@@ -184,7 +184,9 @@ class CuckooTable:
         if ids.numel() != rows.numel():
             raise ValueError(f"insert: {ids.numel()} ids but {rows.numel()} rows")
         if ids.numel() == 0:
-            return ids, rows
+            return ids, rows.to(torch.int64)
+        if bool((ids == EMPTY_KEY).any()):
+            raise ValueError("insert: EMPTY_KEY marks free slots and cannot be stored (fold it with fold_empty)")
         if self.backend == "triton":
             from kernels.cuckoo import cuckoo_insert
 

@@ -63,6 +63,7 @@ class IdPartition:
         self.names = [b.name for b in blocks]
         self.policies = [b.policy for b in blocks]
         self.eviction = eviction
+        self.backend = backend  # "torch" or "triton" (kernels.cuckoo): the tables' inserts and `lookup`
         device = torch.device(device)
         reserved = [b.policy.reserved_rows if b.block_start == 0 else 0 for b in blocks]
         self.capacity = [b.block_rows - r for b, r in zip(blocks, reserved, strict=True)]
@@ -88,7 +89,11 @@ class IdPartition:
         # Feature f's free stack is free_rows[row_base[f] : row_base[f] + num_free[f]] (local rows).
         self.free_rows = torch.cat([torch.arange(c - 1, -1, -1, dtype=torch.int64) for c in self.capacity]).to(device)
         self.num_free = torch.tensor(self.capacity, dtype=torch.int64)
-        self.sketch = CountMinSketch(sketch[0], sketch[1], device=device)
+        # One sketch for every feature that counts (admit_after > 1), ids salted by feature, as
+        # wide as one sketch per feature would be.
+        counting = max(1, sum(b.policy.admit_after > 1 for b in blocks))
+        self.sketch = CountMinSketch(sketch[0] * counting, sketch[1], device=device)
+        self.sketch_added = torch.zeros((), dtype=torch.int64)  # occurrences counted since the last halving
         self.stats = torch.zeros(len(blocks), len(STAT_NAMES), dtype=torch.int64)
 
         # Per-feature constants as tensors, gathered per id in the vectorised step.
@@ -118,6 +123,7 @@ class IdPartition:
             "free_rows": self.free_rows,
             "num_free": self.num_free,
             "sketch": self.sketch.counters,
+            "sketch_added": self.sketch_added,
             "stats": self.stats,
         }
 
@@ -130,6 +136,10 @@ class IdPartition:
 
     def lookup(self, feature: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Local row (within its feature's block) of each (feature, id), -1 where it has none."""
+        if self.backend == "triton":
+            from kernels.cuckoo import cuckoo_lookup_segmented
+
+            return cuckoo_lookup_segmented(self.keys, self.slot_rows, feature, ids, self._slot_base, self._num_buckets)
         slot = probe(self.keys, ids, self._slot_base[feature], self._num_buckets[feature])
         rows = self.slot_rows[slot.clamp(min=0)].to(torch.int64)
         return torch.where(slot >= 0, rows, torch.full_like(rows, -1))
@@ -177,6 +187,7 @@ class IdPartition:
         counted = threshold > 1  # admit_after = 1 admits at first sight: no need to count
         if bool(counted.any()):
             estimate[counted] = self.sketch.add(ids[counted] ^ self._salt[feature[counted]], counts[counted])
+            self._age_sketch(int(counts[counted].sum()))
         earned = estimate >= threshold
         admitted: dict[str, Admitted] = {}
         displaced = False
@@ -187,6 +198,18 @@ class IdPartition:
             if new.rows.numel():
                 admitted[self.names[f]] = new
         return admitted, displaced
+
+    def _age_sketch(self, added: int) -> None:
+        """Halve every counter each time as many occurrences as the sketch has counters were added.
+
+        Without aging, a sketch fed an endless stream of new ids saturates and lets every id in at
+        first sight; with it, "seen admit_after times" means recently (an exponentially decayed
+        count, the window about one sketch width of occurrences long).
+        """
+        self.sketch_added += added
+        if int(self.sketch_added) >= self.sketch.width:
+            self.sketch.counters.bitwise_right_shift_(1)
+            self.sketch_added.zero_()
 
     def _admit_feature(
         self, f: int, ids: torch.Tensor, estimate: torch.Tensor, last: torch.Tensor, touched: torch.Tensor

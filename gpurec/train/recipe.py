@@ -139,6 +139,12 @@ def train(
     resume_from = latest_checkpoint(out_dir)
     if resume_from is not None:
         extra = state.extra
+        written_by = read_trainer_state(resume_from).extra.get("world_size", ctx.world_size)
+        if ids is not None and written_by != ctx.world_size:
+            raise ValueError(
+                f"{resume_from} holds collisionless id maps partitioned over {written_by} ranks; resume it with "
+                f"{written_by} ranks (repartitioning id maps to {ctx.world_size} ranks is not supported yet)"
+            )
         state = load_checkpoint(resume_from, sharded, optimizer, ids=ids)
         state.extra = {**extra, "resumed_from": str(resume_from)}
     reinit = RowReinitializer(sharded, optimizer, specs) if ids is not None else None
