@@ -4,13 +4,21 @@ The table is the reference's, unchanged and operated on in place: ``keys`` int64
 int32, ``num_buckets * SLOTS`` slots, bucket ``b`` = slots ``[b * SLOTS, (b + 1) * SLOTS)``, and
 the two candidate buckets of an id are computed here exactly like ``bucket_pair`` (same constants,
 imported from the reference; logical shifts written as ``(x >> 33) & LOW_31``; wrapping int64
-multiplies; ``%`` of a non-negative int64). ``CuckooTable(backend="triton")`` calls the two host
-wrappers below. Both run on CUDA tensors, and on CPU tensors when this module was imported with
-``TRITON_INTERPRET=1`` (Triton's interpreter, used by the tests).
+multiplies; ``%`` of a non-negative int64). ``CuckooTable(backend="triton")`` calls
+``cuckoo_lookup`` and ``cuckoo_insert`` below, ``IdPartition(backend="triton")`` calls
+``cuckoo_lookup_segmented``. They run on CUDA tensors, and on CPU tensors when this module was
+imported with ``TRITON_INTERPRET=1`` (Triton's interpreter, used by the tests).
 
 Lookup: one lane per query id. The lane hashes its id, loads both buckets' 8 keys as a
 ``[BLOCK, SLOTS]`` tile (64 contiguous bytes per bucket, vectorised), compares, and loads the row
 only at the matching slot. A query never matches a free slot (EMPTY_KEY queries return -1).
+
+Segmented lookup: the same probe (``_probe``, shared with the one-table kernel) over several
+tables stored back to back in one ``keys``/``slot_rows`` pair, as ``IdPartition`` keeps every
+feature's table: each lane also loads its table index, gathers that table's first slot and bucket
+count from two small per-table arrays, and hashes with its own bucket count; it returns the row
+stored in that table (the partition's local row), exactly ``probe`` + ``slot_rows``. One launch
+serves every feature of a batch.
 
 Insert: one lane per new (id, row) pair, all rounds inside the kernel. The lane carries one pair at
 a time. Each round, every lane still carrying a pair
@@ -145,6 +153,28 @@ def _min(x, axis):
     return tl.reduce(x, axis, tl.standard._elementwise_min)
 
 
+@triton.jit
+def _probe(ids, valid, start_1, start_2, keys_ptr, slot_rows_ptr):
+    """Row (int32) of each id found in the bucket starting at slot ``start_1`` or ``start_2``, else -1.
+
+    One lane per id: both buckets' 8 keys are loaded as ``[BLOCK, SLOTS]`` tiles (one 64-byte
+    bucket per lane), and the row only at the matching slot. Lanes not ``valid`` read nothing and
+    give -1 (an EMPTY_KEY query must be invalid: it would match a free slot).
+    """
+    slot = tl.arange(0, SLOTS)[None, :]
+    ptr_1 = start_1[:, None] + slot  # [BLOCK, SLOTS]
+    ptr_2 = start_2[:, None] + slot
+    keys_1 = tl.load(keys_ptr + ptr_1, mask=valid[:, None], other=EMPTY_KEY)
+    keys_2 = tl.load(keys_ptr + ptr_2, mask=valid[:, None], other=EMPTY_KEY)
+    hit_1 = (keys_1 == ids[:, None]) & valid[:, None]
+    hit_2 = (keys_2 == ids[:, None]) & valid[:, None]
+    # Rows are read only where the key matched (at most one slot of the 16): rows are >= 0, so the
+    # max over the -1 fill is the row, or -1 when nothing matched.
+    rows_1 = tl.load(slot_rows_ptr + ptr_1, mask=hit_1, other=-1)
+    rows_2 = tl.load(slot_rows_ptr + ptr_2, mask=hit_2, other=-1)
+    return tl.maximum(_max(rows_1, 1), _max(rows_2, 1))
+
+
 # --- kernels ----------------------------------------------------------------------------------
 
 
@@ -167,18 +197,44 @@ def _lookup_kernel(ids_ptr, keys_ptr, slot_rows_ptr, out_ptr, n, num_buckets, BL
     ids = tl.load(ids_ptr + offs, mask=in_range, other=0)
     valid = in_range & (ids != EMPTY_KEY)  # an EMPTY_KEY query must not match a free slot
     first, second = _bucket_pair(ids, num_buckets)
-    slot = tl.arange(0, SLOTS)[None, :]
-    ptr_1 = first[:, None] * SLOTS + slot  # [BLOCK, SLOTS]: one 64-byte bucket per lane
-    ptr_2 = second[:, None] * SLOTS + slot
-    keys_1 = tl.load(keys_ptr + ptr_1, mask=valid[:, None], other=EMPTY_KEY)
-    keys_2 = tl.load(keys_ptr + ptr_2, mask=valid[:, None], other=EMPTY_KEY)
-    hit_1 = (keys_1 == ids[:, None]) & valid[:, None]
-    hit_2 = (keys_2 == ids[:, None]) & valid[:, None]
-    # Rows are read only where the key matched (at most one slot of the 16): rows are >= 0, so the
-    # max over the -1 fill is the row, or -1 when nothing matched.
-    rows_1 = tl.load(slot_rows_ptr + ptr_1, mask=hit_1, other=-1)
-    rows_2 = tl.load(slot_rows_ptr + ptr_2, mask=hit_2, other=-1)
-    row = tl.maximum(_max(rows_1, 1), _max(rows_2, 1))
+    row = _probe(ids, valid, first * SLOTS, second * SLOTS, keys_ptr, slot_rows_ptr)
+    tl.store(out_ptr + offs, row.to(tl.int64), mask=in_range)
+
+
+@triton.jit
+def _lookup_segmented_kernel(
+    ids_ptr,
+    feature_ptr,
+    slot_base_ptr,
+    num_buckets_ptr,
+    keys_ptr,
+    slot_rows_ptr,
+    out_ptr,
+    n,
+    BLOCK: tl.constexpr,
+):
+    """out[i] = local row of ids[i] in table feature[i] (int64), -1 where the id is not stored there.
+
+    Several tables back to back in ``keys``/``slot_rows``: table t starts at slot
+    ``slot_base[t]`` (a multiple of SLOTS) and has ``num_buckets[t]`` buckets (``IdPartition``'s layout). Each lane
+    gathers its table's base and bucket count (small arrays, L1/L2 resident), hashes with its own
+    bucket count and probes like ``_lookup_kernel``: ``probe`` + ``slot_rows`` of the reference.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n
+    ids = tl.load(ids_ptr + offs, mask=in_range, other=0)
+    table = tl.load(feature_ptr + offs, mask=in_range, other=0)
+    base = tl.load(slot_base_ptr + table, mask=in_range, other=0)
+    num_buckets = tl.load(num_buckets_ptr + table, mask=in_range, other=1)  # masked lanes hash too: never % 0
+    valid = in_range & (ids != EMPTY_KEY)
+    first, second = _bucket_pair(ids, num_buckets)
+    # Global bucket index times SLOTS (tables are whole buckets: base is a multiple of SLOTS), so the
+    # compiler sees 64-byte aligned buckets and vectorises the tile loads as in _lookup_kernel;
+    # ``base + first * SLOTS`` would hide that alignment (base comes from memory): 8-byte loads.
+    bucket_base = base // SLOTS
+    row = _probe(
+        ids, valid, (bucket_base + first) * SLOTS, (bucket_base + second) * SLOTS, keys_ptr, slot_rows_ptr
+    )
     tl.store(out_ptr + offs, row.to(tl.int64), mask=in_range)
 
 
@@ -292,13 +348,20 @@ def _check_device(tensor: torch.Tensor, table_tensor: torch.Tensor) -> None:
         )
 
 
-def _check_table(table) -> None:
-    keys, slot_rows = table.keys, table.slot_rows
+def _check_storage(keys: torch.Tensor, slot_rows: torch.Tensor) -> None:
     if keys.dtype != torch.int64 or slot_rows.dtype != torch.int32:
         raise TypeError(f"table keys/slot_rows must be int64/int32, got {keys.dtype}/{slot_rows.dtype}")
     if not (keys.is_contiguous() and slot_rows.is_contiguous()):
         raise ValueError("table keys and slot_rows must be contiguous")
-    if keys.numel() != table.num_buckets * ref.SLOTS or slot_rows.numel() != keys.numel():
+    if slot_rows.numel() != keys.numel() or keys.numel() % ref.SLOTS:
+        raise ValueError("table keys/slot_rows must hold the same whole number of buckets")
+    if slot_rows.device != keys.device:
+        raise ValueError(f"table keys on {keys.device} but slot_rows on {slot_rows.device}")
+
+
+def _check_table(table) -> None:
+    _check_storage(table.keys, table.slot_rows)
+    if table.keys.numel() != table.num_buckets * ref.SLOTS:
         raise ValueError("table keys/slot_rows do not hold num_buckets * SLOTS slots")
 
 
@@ -343,6 +406,35 @@ def launch_lookup(
         with _on(ids.device):
             _lookup_kernel[(triton.cdiv(n, block),)](
                 ids, keys, slot_rows, out, n, num_buckets, BLOCK=block, num_warps=LOOKUP_WARPS
+            )
+
+
+def launch_lookup_segmented(
+    ids: torch.Tensor,
+    feature: torch.Tensor,
+    slot_base: torch.Tensor,
+    num_buckets: torch.Tensor,
+    keys: torch.Tensor,
+    slot_rows: torch.Tensor,
+    out: torch.Tensor,
+    block: int,
+) -> None:
+    """One segmented lookup launch on flat contiguous int64 tensors (``slot_rows`` int32):
+    ``out[i]`` = local row of ``ids[i]`` in table ``feature[i]``, or -1."""
+    n = ids.numel()
+    if n:
+        with _on(ids.device):
+            _lookup_segmented_kernel[(triton.cdiv(n, block),)](
+                ids,
+                feature,
+                slot_base,
+                num_buckets,
+                keys,
+                slot_rows,
+                out,
+                n,
+                BLOCK=block,
+                num_warps=LOOKUP_WARPS,
             )
 
 
@@ -391,6 +483,48 @@ def cuckoo_lookup(table, ids: torch.Tensor, *, block: int | None = None) -> torc
     out = torch.empty_like(flat)
     launch_lookup(
         flat, table.keys, table.slot_rows, table.num_buckets, out, _block(flat.device, LOOKUP_BLOCK, block)
+    )
+    return out.reshape(ids.shape)
+
+
+def cuckoo_lookup_segmented(
+    keys: torch.Tensor,
+    slot_rows: torch.Tensor,
+    feature: torch.Tensor,
+    ids: torch.Tensor,
+    slot_base: torch.Tensor,
+    num_buckets: torch.Tensor,
+    *,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Local row of each (``feature[i]``, ``ids[i]``) (int64, shape of ``ids``), -1 where absent.
+
+    ``keys``/``slot_rows`` hold several tables back to back: table ``t`` starts at slot
+    ``slot_base[t]`` (a multiple of SLOTS: tables are whole buckets) and has ``num_buckets[t]``
+    buckets (one entry per table, any integer dtype).
+    This is ``IdPartition.lookup``: the reference's ``probe`` with per-id base and bucket count,
+    then ``slot_rows``. ``feature`` must have one table index per id, each in
+    ``[0, len(slot_base))``, and every table must lie inside ``keys``: the kernel does not check
+    (that would cost a device sync), it reads out of bounds otherwise.
+    """
+    _check_storage(keys, slot_rows)
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    tables = feature.reshape(-1).to(torch.int64).contiguous()
+    if tables.numel() != flat.numel():
+        raise ValueError(f"cuckoo_lookup_segmented: {flat.numel()} ids but {tables.numel()} table indices")
+    base = slot_base.reshape(-1).to(torch.int64).contiguous()
+    buckets = num_buckets.reshape(-1).to(torch.int64).contiguous()
+    if base.numel() != buckets.numel() or base.numel() == 0:
+        raise ValueError(
+            f"cuckoo_lookup_segmented: {base.numel()} slot bases but {buckets.numel()} bucket counts"
+        )
+    for tensor in (flat, tables, base, buckets):
+        _check_device(tensor, keys)
+    if flat.numel() >= 2**31:
+        raise ValueError(f"cuckoo_lookup_segmented: {flat.numel()} ids in one call, at most 2**31 - 1")
+    out = torch.empty_like(flat)
+    launch_lookup_segmented(
+        flat, tables, base, buckets, keys, slot_rows, out, _block(flat.device, LOOKUP_BLOCK, block)
     )
     return out.reshape(ids.shape)
 
@@ -487,6 +621,23 @@ def kernel_specs() -> Iterator[KernelSpec]:
             "out_ptr": "*i64",
             "n": "i32",
             "num_buckets": "i32",
+            "BLOCK": "constexpr",
+        },
+        {"BLOCK": LOOKUP_BLOCK},
+        LOOKUP_WARPS,
+    )
+    yield KernelSpec(
+        "cuckoo_lookup_segmented",
+        _lookup_segmented_kernel,
+        {
+            "ids_ptr": "*i64",
+            "feature_ptr": "*i64",
+            "slot_base_ptr": "*i64",
+            "num_buckets_ptr": "*i64",
+            "keys_ptr": "*i64",
+            "slot_rows_ptr": "*i32",
+            "out_ptr": "*i64",
+            "n": "i32",
             "BLOCK": "constexpr",
         },
         {"BLOCK": LOOKUP_BLOCK},

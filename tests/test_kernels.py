@@ -26,7 +26,9 @@ os.environ["TRITON_INTERPRET"] = "1"  # before kernels.cuckoo (and, if not yet i
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from gpurec.embedding.config import FeatureIdPolicy  # noqa: E402
 from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, bucket_pair  # noqa: E402
+from gpurec.embedding.partition import STAT_NAMES, FeatureBlock, IdPartition  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +54,7 @@ finally:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
 # Every kernel in KERNELS must be covered by the tests below (and by compile_all).
-KERNEL_NAMES = {"cuckoo_lookup", "cuckoo_insert", "cuckoo_bucket_pair"}
+KERNEL_NAMES = {"cuckoo_lookup", "cuckoo_lookup_segmented", "cuckoo_insert", "cuckoo_bucket_pair"}
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -241,6 +243,137 @@ def _spy(launch, calls, name):
     return spy
 
 
+# --- segmented lookup (IdPartition) -------------------------------------------------------------
+
+
+def _blocks() -> list[FeatureBlock]:
+    """Features of very different sizes, from a 1-bucket table to a few thousand rows, both policies."""
+    zero = FeatureIdPolicy(admit_after=1, expire_after_hours=0, unadmitted="zero")
+    default = FeatureIdPolicy(admit_after=1, expire_after_hours=0, unadmitted="default_row")
+    twice = FeatureIdPolicy(admit_after=2, expire_after_hours=1, unadmitted="default_row")
+    expiring = FeatureIdPolicy(admit_after=1, expire_after_hours=1, unadmitted="default_row")
+    return [
+        FeatureBlock("tiny", zero, 0, 6),  # 1 bucket
+        FeatureBlock("user", default, 0, 2500),
+        FeatureBlock("item", twice, 0, 90),  # 12 buckets, overfull: evictions, re-admissions
+        FeatureBlock("cat", zero, 40, 40),  # a later partition's block (no reserved row), 6 buckets
+        FeatureBlock("geo", expiring, 0, 700),  # room for its ids: rows freed by expiry
+    ]
+
+
+def _stream(num_batches: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(feature, ids) batches over per-feature vocabularies, some ids shared between features."""
+    gen = torch.Generator().manual_seed(seed)
+    vocabulary = random_ids(4000, seed=seed)
+    sizes = torch.tensor([10, 3000, 300, 60, 500])  # distinct ids per feature: tiny/item/cat overflow
+    out = []
+    for _ in range(num_batches):
+        feature = torch.randint(0, len(sizes), (batch,), generator=gen)
+        ids = vocabulary[(torch.rand(batch, generator=gen) * sizes[feature]).long()]
+        out.append((feature, ids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def filled_partition() -> IdPartition:
+    """A torch-backend partition of 5 features filled through ``assign`` (~4000 distinct pairs)."""
+    part = IdPartition(_blocks(), "lru", sketch=(1 << 12, 2))
+    for step, (feature, ids) in enumerate(_stream(6, 1500, seed=71)):
+        part.assign(feature, ids, torch.full_like(ids, step * 60_000), clock_ms=step * 60_000)
+    return part
+
+
+@pytest.mark.parametrize("block", [None, 64])
+def test_segmented_lookup_matches_partition_lookup(filled_partition, block):
+    part = filled_partition
+    stored = part.row_keys != EMPTY_KEY
+    flat_rows = stored.nonzero().squeeze(1)
+    owner = torch.bucketize(flat_rows, part._row_base, right=True) - 1
+    present_ids, present_feature = part.row_keys[stored], owner
+    assert present_ids.numel() > 1500 and set(owner.tolist()) == set(range(len(part.names)))
+    absent = random_ids(1500, seed=72, exclude=present_ids)
+    edge = torch.tensor([EMPTY_KEY, EMPTY_KEY + 1, 0, -1, 2**63 - 1], dtype=torch.int64)
+    gen = torch.Generator().manual_seed(73)
+    ids = torch.cat([present_ids, present_ids, absent, edge])
+    other_table = (present_feature + torch.randint(1, 5, present_feature.shape, generator=gen)) % 5
+    unknown_table = torch.randint(0, 5, (absent.numel() + edge.numel(),), generator=gen)
+    feature = torch.cat([present_feature, other_table, unknown_table])
+    order = torch.randperm(ids.numel(), generator=gen)
+    ids, feature = ids[order], feature[order]
+
+    want = part.lookup(feature, ids)
+    got = kc.cuckoo_lookup_segmented(
+        part.keys, part.slot_rows, feature, ids, part._slot_base, part._num_buckets, block=block
+    )
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    # the reference is right too: each stored id at its local row in its own table, -1 elsewhere
+    local = flat_rows - part._row_base[owner]
+    expected = dict(
+        zip(zip(present_feature.tolist(), present_ids.tolist(), strict=True), local.tolist(), strict=True)
+    )
+    assert got.tolist() == [
+        expected.get(pair, -1) for pair in zip(feature.tolist(), ids.tolist(), strict=True)
+    ]
+    # ids stored in one table and asked of another one that does not hold them: absent
+    assert int(((got < 0) & torch.isin(ids, present_ids)).sum()) > 500
+    # shapes, empty queries, int32 feature indices
+    assert torch.equal(
+        kc.cuckoo_lookup_segmented(
+            part.keys,
+            part.slot_rows,
+            feature[:12].view(3, 4).int(),
+            ids[:12].view(3, 4),
+            part._slot_base,
+            part._num_buckets,
+        ),
+        want[:12].view(3, 4),
+    )
+    empty = torch.empty(0, dtype=torch.int64)
+    assert (
+        kc.cuckoo_lookup_segmented(
+            part.keys, part.slot_rows, empty, empty, part._slot_base, part._num_buckets
+        ).numel()
+        == 0
+    )
+    with pytest.raises(ValueError):
+        kc.cuckoo_lookup_segmented(
+            part.keys, part.slot_rows, feature[:3], ids[:4], part._slot_base, part._num_buckets
+        )
+
+
+def test_partition_triton_backend_matches_torch(monkeypatch):
+    """IdPartition(backend="triton") (segmented lookup kernel + insert kernel) assigns the same rows
+    as the torch backend, step by step, through admissions, expiry and evictions of full tables."""
+    monkeypatch.setitem(sys.modules, "kernels.cuckoo", kc)
+    calls = []
+    monkeypatch.setattr(kc, "launch_lookup_segmented", _spy(kc.launch_lookup_segmented, calls, "lookup"))
+    monkeypatch.setattr(kc, "launch_insert", _spy(kc.launch_insert, calls, "insert"))
+    torch_part = IdPartition(_blocks(), "lfu", sketch=(1 << 12, 2), backend="torch")
+    triton_part = IdPartition(_blocks(), "lfu", sketch=(1 << 12, 2), backend="triton")
+    assert triton_part.backend == "triton" and all(t.backend == "triton" for t in triton_part.tables)
+    for step, (feature, ids) in enumerate(_stream(6, 800, seed=81)):
+        clock = step * 1_800_000  # half an hour per step: "item" ids expire after an hour
+        times = torch.full_like(ids, clock)
+        want_rows, want_admitted = torch_part.assign(feature, ids, times, clock)
+        got_rows, got_admitted = triton_part.assign(feature, ids, times, clock)
+        assert torch.equal(got_rows, want_rows), f"step {step}"
+        assert got_admitted.keys() == want_admitted.keys()
+        for name, admitted in want_admitted.items():
+            assert torch.equal(got_admitted[name].rows, admitted.rows)
+            assert torch.equal(got_admitted[name].ids, admitted.ids)
+        assert torch.equal(triton_part.stats, torch_part.stats)
+        assert torch.equal(triton_part.row_keys, torch_part.row_keys)
+    stats = dict(zip(STAT_NAMES, torch_part.stats.sum(0).tolist(), strict=True))
+    assert stats["admitted"] > 1000 and stats["expired"] > 0 and stats["evicted_full"] > 0
+    assert "lookup" in calls and "insert" in calls
+    # final lookups of every (feature, id) of the stream
+    feature = torch.cat([f for f, _ in _stream(6, 800, seed=81)])
+    ids = torch.cat([i for _, i in _stream(6, 800, seed=81)])
+    want = torch_part.lookup(feature, ids)
+    assert torch.equal(triton_part.lookup(feature, ids), want)
+    assert bool((want >= 0).any()) and bool((want < 0).any())
+
+
 # --- insert -----------------------------------------------------------------------------------
 
 
@@ -282,7 +415,9 @@ def test_fill_empty_table_until_homeless():
     fresh = random_ids(128 * SLOTS + 128, seed=31)
     for start in range(0, fresh.numel(), 128):
         ids = fresh[start : start + 128]
-        homeless, _ = insert_and_check(table, expected, ids, torch.arange(start, start + ids.numel()), block=128)
+        homeless, _ = insert_and_check(
+            table, expected, ids, torch.arange(start, start + ids.numel()), block=128
+        )
         if homeless.numel():
             break
     assert table.load_factor() >= 0.9, f"first homeless id at load {table.load_factor():.3f}"
