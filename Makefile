@@ -50,6 +50,7 @@ bench: setup
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/hashtable.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

@@ -130,7 +130,8 @@ def id_table_report(
             "default_rate": missing / n if n else 0.0,
         }
         if isinstance(table_stats, dict) and feature in table_stats:
-            entry.update({name: _number(table_stats[feature][key]) for name, key in TABLE_STATS.items()})
+            stats = table_stats[feature]
+            entry.update({name: round(float(stats[key]), 6) if name == "occupancy" else int(stats[key]) for name, key in TABLE_STATS.items()})
         per_feature[feature] = entry
         shared_total, missing_total, distinct_total = shared_total + shared, missing_total + missing, distinct_total + n
     pooled = {
@@ -139,10 +140,6 @@ def id_table_report(
         "distinct_ids": distinct_total,
     }
     return pooled, per_feature
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else round(float(value), 6)
 
 
 # ---- memory settings --------------------------------------------------------------------------
@@ -363,6 +360,8 @@ def print_report(report: dict[str, Any], out: Path) -> None:
                 f"{f['occupancy']:.1%}" if "occupancy" in f else "-", f"{f.get('evicted', 0):,}",
             )
     console = Console()
+    if not console.is_terminal:  # a pipe or log file: wide enough for both tables, not rich's 80 columns
+        console = Console(width=120)
     console.print(table)
     console.print(detail)
     console.print(f"{report['seconds']:.0f} s; runs and results.json under {out}")
