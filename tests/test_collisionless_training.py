@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import SMALL_CONFIG, train_small
@@ -87,3 +89,15 @@ def test_admitted_rows_restart_from_their_initial_value_and_zero_optimizer_state
     assert torch.equal(weight[5], initial_rows(new_id, "user_id", 8, 64)[0])
     assert float(momentum[5]) == 0.0
     assert torch.equal(weight[6], untouched) and float(momentum[6]) > 0
+
+
+def test_id_tables_switch_back_to_plain_hashing(small_features, tmp_path, capsys):
+    from gpurec.cli import main
+    from gpurec.embedding.modulo import ModuloRemap
+
+    args = ["train", "--data", str(small_features), "--out", str(tmp_path / "run"), "--config", str(SMALL_CONFIG)]
+    assert main([*args, "--max-steps", "3", "--id-tables", "hashed", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["id_tables"] == "hashed"
+    _, remap, state = load_trained_model(tmp_path / "run")
+    assert isinstance(remap, ModuloRemap) and state.extra["model_config"]["ids"]["kind"] == "hashed"

@@ -505,15 +505,20 @@ def test_kernel_list_is_complete():
         assert set(spec.constexprs) == {k for k, v in spec.signature.items() if v == "constexpr"}
 
 
-def test_compile_all_for_sm80_and_sm90(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_all", "--arch", "80", "90", "--out", str(tmp_path)],
+def _run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, compiled (not interpreted) by default."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
-        env=_env_without_interpreter(),
+        env=env or _env_without_interpreter(),
         cwd=ROOT,
         timeout=300,
     )
+
+
+def test_compile_all_for_sm80_and_sm90(tmp_path):
+    proc = _run_module("kernels.compile_all", "--arch", "80", "90", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in KERNEL_NAMES:
         for arch in (80, 90):
@@ -529,27 +534,12 @@ def test_compile_all_for_sm80_and_sm90(tmp_path):
 
 
 def test_compile_all_refuses_the_interpreter():
-    env = _env_without_interpreter() | {"TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_all"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = _run_module("kernels.compile_all", env=_env_without_interpreter() | {"TRITON_INTERPRET": "1"})
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
 
 
 def _bench(*args: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "kernels.bench_cuckoo", *args],
-        capture_output=True,
-        text=True,
-        env=_env_without_interpreter(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = _run_module("kernels.bench_cuckoo", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -69,6 +69,8 @@ def _cli_train(features: Path, out: Path, nproc: int, batch_size: int, sharding:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == nproc and summary["steps"] == 10
+    # The default collisionless tables were in the loop: ids were admitted, counted on their owner ranks.
+    assert summary["id_tables"]["user_id"]["admitted"] > 0
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
