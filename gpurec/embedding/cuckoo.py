@@ -84,18 +84,20 @@ def probe(
 ) -> torch.Tensor:
     """The slot of ``keys`` holding each id, -1 where absent.
 
-    ``keys`` may hold several tables back to back: an id's table starts at slot ``slot_base``
-    and has ``num_buckets`` buckets (ints, or tensors with one value per id).
+    ``keys`` may hold several tables back to back: an id's table starts at slot ``slot_base`` (a
+    multiple of ``slots``) and has ``num_buckets`` buckets (ints, or tensors with one value per id).
     """
     first, second = bucket_pair(ids, num_buckets)
-    offsets = torch.arange(slots, device=ids.device)
-    candidates = torch.cat(
-        [(slot_base + first * slots).unsqueeze(1) + offsets, (slot_base + second * slots).unsqueeze(1) + offsets], dim=1
-    )
-    hit = keys[candidates] == ids.unsqueeze(1)  # [n, 2 * slots]; at most one True per row
-    which = hit.to(torch.int8).argmax(dim=1, keepdim=True)
-    slot = candidates.gather(1, which).squeeze(1)
-    return torch.where(hit.any(dim=1), slot, torch.full_like(slot, -1))
+    base = torch.div(slot_base, slots, rounding_mode="floor")
+    buckets = keys.view(-1, slots)
+    # Whole-bucket row gathers (one 64-byte line per bucket), not 16 scattered element gathers.
+    hit = torch.cat([buckets[base + first] == ids.unsqueeze(1), buckets[base + second] == ids.unsqueeze(1)], dim=1)
+    position = hit.to(torch.int8).argmax(dim=1, keepdim=True)  # at most one hit per id
+    found = hit.gather(1, position).squeeze(1)
+    position = position.squeeze(1)
+    bucket = torch.where(position < slots, base + first, base + second)
+    slot = bucket * slots + position % slots
+    return torch.where(found, slot, torch.full_like(slot, -1))
 
 
 def fold_empty(ids: torch.Tensor) -> torch.Tensor:

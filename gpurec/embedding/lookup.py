@@ -48,6 +48,7 @@ class IdLookup(nn.Module):
         self.register_buffer("num_buckets", torch.tensor(num_buckets, dtype=torch.int64))
         self.register_buffer("slot_base", torch.tensor(slot_base, dtype=torch.int64))
         self.register_buffer("drop_unadmitted", torch.tensor(drop_unadmitted, dtype=torch.bool))
+        self.any_drop: bool = any(drop_unadmitted)
         self.empty_key: int = EMPTY_KEY
         self.default_row: int = DEFAULT_ROW
 
@@ -86,8 +87,10 @@ class IdLookup(nn.Module):
     def rows_of(self, feature: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Global row of each (feature index, id), -1 where the id has none."""
         ids = torch.where(ids == self.empty_key, torch.full_like(ids, self.empty_key + 1), ids)
-        owner = owner_of(ids, self.num_partitions)
-        base = self.slot_base[owner * len(self.features) + feature]
+        if self.num_partitions == 1:
+            base = self.slot_base[feature]
+        else:
+            base = self.slot_base[owner_of(ids, self.num_partitions) * len(self.features) + feature]
         slot = probe(self.keys, ids, base, self.num_buckets[feature])
         rows = self.slot_rows[slot.clamp(min=0)]
         return torch.where(slot >= 0, rows, torch.full_like(rows, -1))
@@ -106,8 +109,11 @@ class IdLookup(nn.Module):
         feature = torch.tensor(table_of_key, dtype=torch.int64, device=values.device)[torch.div(segment, batch, rounding_mode="floor")]
         rows = self.rows_of(feature, values)
         missing = rows < 0
-        drop = missing & self.drop_unadmitted[feature]
+        if self.any_drop:
+            drop = missing & self.drop_unadmitted[feature]
+            # Dropped ids leave their bag: a bag of only unknown ids pools to the zero vector.
+            lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
+            rows = rows[~drop]
+            missing = missing[~drop]
         rows = torch.where(missing, torch.full_like(rows, self.default_row), rows)
-        # Dropped ids leave their bag: a bag of only unknown ids pools to the zero vector.
-        lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
-        return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=rows[~drop], lengths=lengths, weights=None, stride=batch)
+        return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=rows, lengths=lengths, weights=None, stride=batch)
