@@ -2,7 +2,9 @@
 
 Read it top to bottom: join the process group, read the manifest, build the model with its
 embedding tables on `meta`, fuse RowWiseAdagrad into the tables and shard them with
-DistributedModelParallel, resume from the latest checkpoint if there is one, then the loop.
+DistributedModelParallel, set up this rank's partition of the collisionless id maps (ids -> rows,
+in front of the tables), resume from the latest checkpoint if there is one, then the loop, whose
+every step first maps the batch's ids to rows (re-initialising rows handed to new ids).
 Runs the same as one process, under `torchrun --nproc_per_node N` on CPU (gloo), and on GPU
 nodes (NCCL), where only the device differs.
 """
