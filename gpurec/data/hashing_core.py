@@ -24,7 +24,8 @@ def feature_salt(feature: str) -> int:
     )
 
 
-def _to_signed(u: int) -> int:
+def to_signed(u: int) -> int:
+    """A uint64 value as the signed int64 with the same bits."""
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
@@ -38,7 +39,7 @@ def splitmix64(x: int) -> int:
 
 def hash_id(value: int, feature: str) -> int:
     """Hash one integer id of `feature` to a signed 64-bit id."""
-    return _to_signed(splitmix64((value & _MASK) ^ feature_salt(feature)))
+    return to_signed(splitmix64((value & _MASK) ^ feature_salt(feature)))
 
 
 def hash_ids_np(values: np.ndarray, feature: str) -> np.ndarray:

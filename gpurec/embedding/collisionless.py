@@ -30,6 +30,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.config import DEFAULT_ROW, IdTableConfig
 from gpurec.embedding.cuckoo import fold_empty, owner_of
+from gpurec.embedding.lookup import drop_from_bags, value_tables
 from gpurec.embedding.partition import STAT_NAMES, Admitted, FeatureBlock, IdPartition
 from gpurec.model.config import SparseFeatureSpec
 
@@ -56,7 +57,6 @@ class CollisionlessIds:
     ) -> None:
         config.check_features([s.name for s in specs])
         self.specs = {s.name: s for s in specs}
-        self.config = config
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         blocks = []
@@ -66,6 +66,9 @@ class CollisionlessIds:
         self.partition = IdPartition(
             blocks, config.eviction, sketch=(config.sketch_width, config.sketch_depth), device=device, backend=backend
         )
+        drop = [policy.unadmitted == "zero" for policy in self.partition.policies]
+        self._drop_unadmitted = torch.tensor(drop, dtype=torch.bool, device=self.device)
+        self._any_drop = any(drop)
 
     # --- the training step --------------------------------------------------------------------
 
@@ -80,18 +83,19 @@ class CollisionlessIds:
         unknown = [k for k in keys if k not in self.specs]
         if unknown:
             raise ValueError(f"CollisionlessIds: features {unknown} have no id table")
-        table_of_key = torch.tensor([self.partition.feature_index(k) for k in keys], device=features.values().device)
-        lengths = features.lengths()
-        batch = features.stride()
         ids = fold_empty(features.values())
-        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths.long(), output_size=ids.numel())
+        lengths, batch = features.lengths(), features.stride()
+        table_of_key = torch.tensor([self.partition.feature_index(k) for k in keys], device=ids.device)
+        segment, feature = value_tables(lengths, batch, table_of_key, ids.numel())
         times = event_time_ms.to(ids.device)[segment % batch]
-        feature = table_of_key[torch.div(segment, batch, rounding_mode="floor")]
         clock = self._global_clock(event_time_ms)
 
         rows, mine = self._owner_rows(ids, feature, times, clock)
         admitted = self._gather_admissions(mine)
-        return self._row_features(features, rows, feature), admitted
+        if self._any_drop:
+            rows, lengths = drop_from_bags(rows, lengths, segment, (rows < 0) & self._drop_unadmitted[feature])
+        rows = torch.where(rows < 0, torch.full_like(rows, DEFAULT_ROW), rows)
+        return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=rows, lengths=lengths, weights=None, stride=batch), admitted
 
     def _owner_rows(self, ids: torch.Tensor, feature: torch.Tensor, times: torch.Tensor, clock: int) -> tuple[torch.Tensor, dict[str, Admitted]]:
         """Each occurrence's row, computed by the partition that owns the id; and this rank's admissions."""
@@ -130,23 +134,6 @@ class CollisionlessIds:
                     rows=torch.cat([p[0] for p in parts]).to(self.device), ids=torch.cat([p[1] for p in parts]).to(self.device)
                 )
         return merged
-
-    def _row_features(self, features: KeyedJaggedTensor, rows: torch.Tensor, feature: torch.Tensor) -> KeyedJaggedTensor:
-        """The batch with rows for ids; unadmitted ids -> default row or dropped, per feature."""
-        keys = features.keys()
-        zero_features = [i for i, policy in enumerate(self.partition.policies) if policy.unadmitted == "zero"]
-        missing = rows < 0
-        rows = torch.where(missing, torch.full_like(rows, DEFAULT_ROW), rows)
-        lengths = features.lengths()
-        if zero_features:
-            drop = missing & torch.isin(feature, torch.tensor(zero_features, device=rows.device))
-            if bool(drop.any()):
-                segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths.long())
-                lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
-                rows = rows[~drop]
-        return KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=rows, lengths=lengths, weights=None, stride=features.stride()
-        )
 
     # --- state and reporting ------------------------------------------------------------------
 

@@ -100,9 +100,9 @@ def probe(
     return torch.where(found, slot, torch.full_like(slot, -1))
 
 
-def fold_empty(ids: torch.Tensor) -> torch.Tensor:
+def fold_empty(ids: torch.Tensor, empty_key: int = EMPTY_KEY) -> torch.Tensor:
     """Map the one reserved id (EMPTY_KEY) onto its neighbour so every id can be stored."""
-    return torch.where(ids == EMPTY_KEY, torch.full_like(ids, EMPTY_KEY + 1), ids)
+    return torch.where(ids == empty_key, torch.full_like(ids, empty_key + 1), ids)
 
 
 def buckets_for_rows(rows: int, target_load: float = 0.95) -> int:
@@ -154,9 +154,6 @@ class CuckooTable:
 
     def load_factor(self) -> float:
         return self.size() / self.num_slots
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys, "slot_rows": self.slot_rows}
 
     # --- lookup -------------------------------------------------------------------------------
 

@@ -15,8 +15,24 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.config import DEFAULT_ROW
-from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, owner_of, probe
+from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, fold_empty, owner_of, probe
 from gpurec.embedding.partition import IdPartition
+
+
+def value_tables(lengths: torch.Tensor, stride: int, table_of_key: torch.Tensor, num_values: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each value of a key-major KJT: the bag it belongs to and its id table's index."""
+    bags = torch.arange(lengths.numel(), device=lengths.device)
+    segment = torch.repeat_interleave(bags, lengths.long(), output_size=num_values)
+    return segment, table_of_key[torch.div(segment, stride, rounding_mode="floor")]
+
+
+def drop_from_bags(
+    rows: torch.Tensor, lengths: torch.Tensor, segment: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove the values marked ``drop`` from their bags: a bag of only dropped ids pools to the
+    zero vector (`unadmitted = "zero"`)."""
+    lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
+    return rows[~drop], lengths
 
 
 class IdLookup(nn.Module):
@@ -49,7 +65,6 @@ class IdLookup(nn.Module):
         self.register_buffer("slot_base", torch.tensor(slot_base, dtype=torch.int64))
         self.register_buffer("drop_unadmitted", torch.tensor(drop_unadmitted, dtype=torch.bool))
         self.any_drop: bool = any(drop_unadmitted)
-        self.empty_key: int = EMPTY_KEY
         self.default_row: int = DEFAULT_ROW
 
     @classmethod
@@ -77,7 +92,7 @@ class IdLookup(nn.Module):
         f = self.features.index(feature)
         found = [self._table_keys(p * len(self.features) + f, f) for p in range(self.num_partitions)]
         keys = torch.cat(found)
-        return keys[keys != self.empty_key]
+        return keys[keys != EMPTY_KEY]
 
     @torch.jit.unused
     def _table_keys(self, base_index: int, feature: int) -> torch.Tensor:
@@ -86,7 +101,7 @@ class IdLookup(nn.Module):
 
     def rows_of(self, feature: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Global row of each (feature index, id), -1 where the id has none."""
-        ids = torch.where(ids == self.empty_key, torch.full_like(ids, self.empty_key + 1), ids)
+        ids = fold_empty(ids)
         if self.num_partitions == 1:
             base = self.slot_base[feature]
         else:
@@ -105,15 +120,10 @@ class IdLookup(nn.Module):
         values = features.values()
         lengths = features.lengths()
         batch = features.stride()
-        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long(), output_size=values.numel())
-        feature = torch.tensor(table_of_key, dtype=torch.int64, device=values.device)[torch.div(segment, batch, rounding_mode="floor")]
+        tables = torch.tensor(table_of_key, dtype=torch.int64, device=values.device)
+        segment, feature = value_tables(lengths, batch, tables, values.numel())
         rows = self.rows_of(feature, values)
-        missing = rows < 0
         if self.any_drop:
-            drop = missing & self.drop_unadmitted[feature]
-            # Dropped ids leave their bag: a bag of only unknown ids pools to the zero vector.
-            lengths = lengths - torch.bincount(segment[drop], minlength=lengths.numel()).to(lengths.dtype)
-            rows = rows[~drop]
-            missing = missing[~drop]
-        rows = torch.where(missing, torch.full_like(rows, self.default_row), rows)
+            rows, lengths = drop_from_bags(rows, lengths, segment, (rows < 0) & self.drop_unadmitted[feature])
+        rows = torch.where(rows < 0, torch.full_like(rows, self.default_row), rows)
         return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=rows, lengths=lengths, weights=None, stride=batch)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpurec.data.hashing_core import feature_salt
+from gpurec.data.hashing_core import feature_salt, to_signed
 from gpurec.embedding.admission import CountMinSketch
 from gpurec.embedding.config import EvictionPolicy, FeatureIdPolicy
 from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, buckets_for_rows, probe
@@ -105,7 +105,7 @@ class IdPartition:
         self._row_base = per_feature(self.row_base)
         self._first_row = per_feature(self.first_row)
         self._admit_after = per_feature([p.admit_after for p in self.policies])
-        self._salt = per_feature([_signed(feature_salt(name)) for name in self.names])
+        self._salt = per_feature([to_signed(feature_salt(name)) for name in self.names])
         never = torch.iinfo(torch.int64).max // 4  # "no expiry": a horizon no clock reaches
         horizons = per_feature([p.expire_after_ms or never for p in self.policies])
         self._row_horizon = torch.repeat_interleave(horizons, per_feature(self.capacity))
@@ -309,7 +309,3 @@ def _offsets(sizes: list[int]) -> list[int]:
         out.append(total)
         total += size
     return out
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value

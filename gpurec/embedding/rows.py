@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpurec.data.hashing_core import feature_salt
+from gpurec.data.hashing_core import feature_salt, to_signed
 from gpurec.embedding.cuckoo import mix64
 from gpurec.embedding.partition import Admitted
 from gpurec.model.config import SparseFeatureSpec
@@ -26,14 +26,10 @@ _COLUMN_STRIDE = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio steps between the co
 _MANTISSA = 1 << 53
 
 
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
 def initial_rows(ids: torch.Tensor, feature: str, dim: int, num_rows: int) -> torch.Tensor:
     """[len(ids), dim] float32, uniform in +-sqrt(1 / num_rows), a pure function of (feature, id)."""
     columns = torch.arange(dim, dtype=torch.int64, device=ids.device) * _COLUMN_STRIDE
-    bits = mix64(ids.to(torch.int64).unsqueeze(1) ^ columns, _signed(feature_salt(feature)))
+    bits = mix64(ids.to(torch.int64).unsqueeze(1) ^ columns, to_signed(feature_salt(feature)))
     unit = (bits >> 10).to(torch.float64) / _MANTISSA  # 53 random bits -> [0, 1)
     bound = (1.0 / num_rows) ** 0.5
     return ((2.0 * unit - 1.0) * bound).to(torch.float32)

@@ -125,7 +125,7 @@ def train(
     optimizer = combined_optimizer(sharded, lambda params: torch.optim.Adagrad(params, lr=train_config.dense_lr))
     # Ids -> rows: collisionless tables (this rank's partition of each id map) or plain hashing.
     ids = id_map_for(model_config, specs, ctx.rank, ctx.world_size, ctx.device)
-    remap = ModuloRemap({s.name: s.num_embeddings for s in specs})
+    remap = ModuloRemap({s.name: s.num_embeddings for s in specs}) if ids is None else None
 
     state = TrainerState(
         extra={
