@@ -20,7 +20,7 @@ import pytest
 from gpurec.cli import main
 from gpurec.embedding.config import aligned_rows
 from gpurec.embedding.lookup import IdLookup
-from gpurec.experiments.collisionless import collision_rate, shared_row_count, sized_configs
+from gpurec.experiments.collisionless import collision_rate, shared_row_count
 from gpurec.preprocess.manifest import load_manifest
 from gpurec.train.config import load_configs
 from gpurec.train.recipe import load_trained_model, sparse_specs
@@ -101,15 +101,17 @@ def test_fractional_rows_per_id_sizes_tables_like_the_trainer(experiment):
     _, out = experiment
     features = out / "synthetic" / "features"
     manifest = load_manifest(features)
-    model_config, train_config = load_configs()
-    sized_model, sized_train = sized_configs(model_config, train_config, manifest, 0.5)
-    specs = {s.name: s.num_embeddings for s in sparse_specs(manifest, sized_model, sized_train)}
+    model_config, train_config = load_configs(rows_per_id=0.5)
+    specs = {s.name: s.num_embeddings for s in sparse_specs(manifest, model_config, train_config)}
     for feature in manifest.sparse_features:
         want = aligned_rows(max(train_config.min_rows, math.ceil(0.5 * feature.cardinality_estimate)))
         assert specs[feature.name] == want
-    # An integral setting goes through the trainer's own rows_per_id.
-    same_model, two = sized_configs(model_config, train_config, manifest, 2)
-    assert same_model == model_config and two.rows_per_id == 2
+    # An integral setting sizes the same way.
+    model_config, two = load_configs(rows_per_id=2)
+    specs = {s.name: s.num_embeddings for s in sparse_specs(manifest, model_config, two)}
+    for feature in manifest.sparse_features:
+        want = aligned_rows(min(model_config.default_num_embeddings, max(two.min_rows, 2 * feature.cardinality_estimate)))
+        assert specs[feature.name] == want
 
 
 def test_unknown_dataset_is_an_error():

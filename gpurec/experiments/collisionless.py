@@ -17,10 +17,9 @@ over the distinct ids of the training split, per sparse feature:
 - default_rate: the share of distinct ids with no row of their own at the end of training (never
   admitted, expired or evicted), which read the shared default row (always 0 for hashed).
 
-Memory: ``rows_per_id`` r sizes each table as the trainer does, r x the manifest's cardinality
-estimate between `min_rows` and `default_num_embeddings`, rounded up to a multiple of 8. An
-integral r goes through `TrainConfig.rows_per_id` (the shipped sizing path); a fractional r (e.g.
-0.5, a table smaller than the id space) is written as explicit `num_embeddings` by the same rule.
+Memory: ``rows_per_id`` r is the trainer's own `TrainConfig.rows_per_id`: each table gets r x the
+manifest's cardinality estimate rows, between `min_rows` and `default_num_embeddings`, rounded up
+to a multiple of 8 (a fractional r such as 0.5 makes a table smaller than the id space).
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import polars as pl
 import torch
 
 from gpurec.data.world import WorldConfig
-from gpurec.embedding.config import aligned_rows
 from gpurec.embedding.lookup import IdLookup
 from gpurec.embedding.modulo import ModuloRemap
 from gpurec.model.config import ModelConfig
@@ -93,7 +91,7 @@ def rows_of(remap: ModuloRemap | IdLookup, feature: str, ids: np.ndarray) -> np.
     """The row each id reads in a trained id map; -1 where a collisionless table has no row for it."""
     values = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
     if isinstance(remap, IdLookup):
-        return remap.rows_of(remap.features.index(feature), values).numpy()
+        return remap.rows_of(torch.full_like(values, remap.features.index(feature)), values).numpy()
     return torch.remainder(values, remap.num_embeddings[feature]).numpy()
 
 
@@ -143,21 +141,6 @@ def id_table_report(
 
 
 # ---- memory settings --------------------------------------------------------------------------
-
-
-def sized_configs(
-    model_config: ModelConfig, train_config: TrainConfig, manifest: Manifest, rows_per_id: float
-) -> tuple[ModelConfig, TrainConfig]:
-    """The configs that give every table ``rows_per_id`` x its cardinality estimate rows."""
-    if float(rows_per_id).is_integer():
-        return model_config, dataclasses.replace(train_config, rows_per_id=int(rows_per_id))
-    sizes = {}
-    for feature in manifest.sparse_features:
-        estimate = feature.cardinality_estimate or model_config.default_num_embeddings
-        wanted = max(train_config.min_rows, math.ceil(rows_per_id * estimate))
-        sizes[feature.name] = aligned_rows(min(model_config.default_num_embeddings, wanted))
-    sizes.update(model_config.num_embeddings)  # rows set in the config win, as in sparse_specs
-    return dataclasses.replace(model_config, num_embeddings=sizes), train_config
 
 
 def with_kind(model_config: ModelConfig, kind: str) -> ModelConfig:
@@ -253,7 +236,7 @@ def run_study(
         train_ids = training_ids(manifest, data_dir)
         base_model, base_train = load_configs(CONFIGS[dataset], seed=seed, epochs=epochs, max_steps=max_steps)
         for setting in rows_per_id:
-            model_config, train_config = sized_configs(base_model, base_train, manifest, setting)
+            model_config, train_config = base_model, dataclasses.replace(base_train, rows_per_id=setting)
             runs = []
             for kind in KINDS:
                 name = _setting_name(setting)

@@ -69,13 +69,13 @@ def _human(summary: dict) -> str:
     ]
     tables = summary.get("id_tables")
     if isinstance(tables, dict):
-        lines.append(id_table_report(tables))
+        lines.append(format_id_tables(tables))
     else:
         lines.append("id tables: hashed (row = id mod rows)")
     return "\n".join(lines)
 
 
-def id_table_report(tables: dict[str, dict[str, float]]) -> str:
+def format_id_tables(tables: dict[str, dict[str, float]]) -> str:
     """A table of each collisionless id table's occupancy, admissions and evictions."""
     header = f"{'id table':<14}{'rows used':>16}{'occupancy':>11}{'load':>7}{'admitted':>10}{'expired':>9}{'evicted':>9}{'default path':>14}"
     lines = ["collisionless id tables (default path = occurrences without a row of their own):", header]

@@ -23,7 +23,7 @@ class TrainConfig:
     sparse_lr: float = 0.2  # RowWiseAdagrad fused into the embedding backward
     seed: int = 0  # model init and data order
     sharding: str = "auto"  # "auto" (TorchRec's planner) or one of SHARDING_TYPES for every table
-    rows_per_id: int = 4  # table rows = rows_per_id x the manifest's id-cardinality estimate ...
+    rows_per_id: float = 4  # table rows = rows_per_id x the manifest's id-cardinality estimate (may be < 1) ...
     min_rows: int = 64  # ... at least this, at most the model config's default_num_embeddings
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end of each epoch)
     log_every: int = 20

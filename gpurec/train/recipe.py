@@ -12,6 +12,7 @@ nodes (NCCL), where only the device differs.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -54,7 +55,7 @@ def sparse_specs(manifest: Manifest, model_config: ModelConfig, train_config: Tr
     for feature in manifest.sparse_features:
         estimate = feature.cardinality_estimate or model_config.default_num_embeddings
         sizes[feature.name] = aligned_rows(
-            min(model_config.default_num_embeddings, max(train_config.min_rows, train_config.rows_per_id * estimate))
+            min(model_config.default_num_embeddings, max(train_config.min_rows, math.ceil(train_config.rows_per_id * estimate)))
         )
     sizes.update(model_config.num_embeddings)
     config = ModelConfig(**{**asdict(model_config), "num_embeddings": sizes})
