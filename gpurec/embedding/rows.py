@@ -56,7 +56,7 @@ class RowReinitializer:
         optimizer_state = optimizer.state_dict()["state"]
         self.shards: dict[str, list[_Shard]] = {}
         for feature in self.specs:
-            key = _table_key(weights, feature)
+            key = _table_key(weights, self.specs[feature])
             states = [tensor for tensor in optimizer_state.get(key, {}).values() if _is_tensor_like(tensor)]
             self.shards[feature] = _local_shards(weights[key], states)
 
@@ -81,11 +81,11 @@ class RowReinitializer:
         return written
 
 
-def _table_key(weights: dict[str, Any], feature: str) -> str:
-    suffix = f"embedding_bags.t_{feature}.weight"
+def _table_key(weights: dict[str, Any], spec: SparseFeatureSpec) -> str:
+    suffix = f"embedding_bags.{spec.table_name}.weight"
     matches = [key for key in weights if key.endswith(suffix)]
     if len(matches) != 1:
-        raise KeyError(f"expected one embedding table for {feature!r}, found {matches}")
+        raise KeyError(f"expected one embedding table for {spec.name!r}, found {matches}")
     return matches[0]
 
 
