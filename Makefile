@@ -7,7 +7,7 @@ STAMP := $(VENV)/.gpurec-setup
 REQUIREMENTS := pyproject.toml requirements/cpu.txt requirements/torchrec.txt requirements/data.txt requirements/dev.txt requirements/serve.txt
 DEMO := runs/demo
 
-.PHONY: setup demo demo-movielens test lint bench clean
+.PHONY: setup demo demo-movielens test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/hashtable.py
+
+# Proves every GPU path on a GPU node (kernels vs reference at scale, insert under contention,
+# compute-sanitizer, benchmarks, ncu) with the machine's own python3: CUDA torch + Triton, no venv.
+# Writes summary.json, the log and the ncu report to $$OUT (or runs/gpu-check). See README "GPU check".
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out $${OUT:-runs/gpu-check}
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

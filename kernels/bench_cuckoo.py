@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from gpurec.embedding.cuckoo import EMPTY_KEY, MIX_1, SLOTS, CuckooTable, bucket_pair
     from kernels import cuckoo as kc
+    from kernels.cuckoo_layout import EMPTY_KEY, MIX_1, SLOTS, bucket_pair, empty_storage
 
     device = torch.device(args.device)
     num_buckets = args.slots // SLOTS
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     order = torch.randperm(args.lookups, generator=gen).to(device)
     queries = torch.cat([fill_ids[hit_index], miss_ids])[order].contiguous()
 
-    table = CuckooTable(num_buckets, device=device, backend="triton")
+    table = empty_storage(num_buckets, device)
     locks = torch.zeros(num_buckets, dtype=torch.int32, device=device)
     out_ids = torch.empty(n_fill, dtype=torch.int64, device=device)
     out_rows = torch.empty(n_fill, dtype=torch.int32, device=device)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_buckets": num_buckets,
         "inserted": n_fill,
         "homeless": int(left.sum()),
-        "load_factor": round(table.load_factor(), 6),
+        "load_factor": round(stored.numel() / args.slots, 6),
         "insert_ms": round(statistics.median(insert_ms), 4),
         "inserts_per_s": n_fill / (statistics.median(insert_ms) / 1e3),
         "lookups": args.lookups,
@@ -200,8 +200,8 @@ def bench_segmented(args: argparse.Namespace, device, ids) -> tuple[list[float],
     0..fill_t - 1; the ids left over are the misses (asked of a random table)."""
     import torch
 
-    from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, probe
     from kernels import cuckoo as kc
+    from kernels.cuckoo_layout import EMPTY_KEY, SLOTS, TableStorage, probe
 
     weights = range(1, args.tables + 1)
     buckets = [max(1, (args.slots // SLOTS) * w // sum(weights)) for w in weights]
@@ -213,8 +213,8 @@ def bench_segmented(args: argparse.Namespace, device, ids) -> tuple[list[float],
     homeless = []
     for base, b, start, fill in zip(bases, buckets, starts, fills, strict=True):
         storage = (keys[base : base + b * SLOTS], slot_rows[base : base + b * SLOTS])
-        view = CuckooTable(b, device=device, backend="triton", storage=storage)
-        left, _ = view.insert(ids[start : start + fill], torch.arange(fill, device=device), args.max_rounds)
+        view = TableStorage(*storage, b)
+        left, _ = kc.cuckoo_insert(view, ids[start : start + fill], torch.arange(fill, device=device), args.max_rounds)
         homeless.append(left)
     stored = ids[: sum(fills)]
     stored_table = torch.repeat_interleave(torch.arange(args.tables), torch.tensor(fills)).to(device)

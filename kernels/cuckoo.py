@@ -1,4 +1,4 @@
-"""Triton kernels for the bucketed cuckoo hash of `gpurec.embedding.cuckoo` (the GPU fast path).
+"""Triton kernels for the bucketed cuckoo hash (`cuckoo_layout`; the CPU table is `gpurec.embedding.cuckoo`).
 
 The table is the reference's, unchanged and operated on in place: ``keys`` int64 and ``slot_rows``
 int32, ``num_buckets * SLOTS`` slots, bucket ``b`` = slots ``[b * SLOTS, (b + 1) * SLOTS)``, and
@@ -87,7 +87,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpurec.embedding import cuckoo as ref
+from kernels import cuckoo_layout as ref
 
 SLOTS = tl.constexpr(ref.SLOTS)
 EMPTY_KEY = tl.constexpr(ref.EMPTY_KEY)
@@ -116,7 +116,7 @@ INTERPRET_BLOCK = 4096
 
 @triton.jit
 def _mix64(ids, seed):
-    """murmur3 fmix64 of ``ids ^ seed`` cleared to non-negative: ``gpurec...cuckoo.mix64``."""
+    """murmur3 fmix64 of ``ids ^ seed`` cleared to non-negative: ``kernels.cuckoo_layout.mix64``."""
     x = ids ^ seed
     x = x ^ ((x >> 33) & LOW_31)  # >> of a signed int is arithmetic: the mask makes it logical
     x = x * MIX_1  # int64 * int64 wraps, like torch and numpy
@@ -128,7 +128,7 @@ def _mix64(ids, seed):
 
 @triton.jit
 def _bucket_pair(ids, num_buckets):
-    """Both candidate buckets (int64) of int64 ``ids``: ``gpurec...cuckoo.bucket_pair``."""
+    """Both candidate buckets (int64) of int64 ``ids``: ``kernels.cuckoo_layout.bucket_pair``."""
     first = _mix64(ids, SEED_1) % num_buckets  # non-negative % positive: srem == floor mod
     second = _mix64(ids, SEED_2) % num_buckets
     # (first + 1) % num_buckets without a third 64-bit remainder (first < num_buckets).

@@ -2,8 +2,8 @@
 
 This is the id -> row map behind a collisionless embedding table: every stored id has its own
 row, so two distinct ids never share an embedding. It is also the pure-torch reference of the GPU
-kernels in `kernels/cuckoo.py` (same layout, same hash functions, bit for bit), and the path the
-CPU runs.
+kernels in `kernels/cuckoo.py` (the layout, hash and probe below come from `kernels/cuckoo_layout.py`,
+which both use), and the path the CPU runs.
 
 Layout (one table = one partition of one feature's id space):
 
@@ -29,75 +29,27 @@ import math
 
 import torch
 
-SLOTS = 8  # ids per bucket: 8 x int64 = one 64-byte cache line
-EMPTY_KEY = -(2**63)  # marks a free slot; the one id it shadows is folded into EMPTY_KEY + 1
-SEED_1 = 0x2545F4914F6CDD1D
-SEED_2 = 0x1B873593CC9E2D51 - 2**63  # as a signed int64
+from kernels.cuckoo_layout import (  # noqa: F401  (re-exported: the table's format)
+    DEFAULT_MAX_ROUNDS,
+    EMPTY_KEY,
+    LOW_31,
+    MIX_1,
+    MIX_2,
+    NON_NEGATIVE,
+    SEED_1,
+    SEED_2,
+    SLOTS,
+    bucket_pair,
+    mix64,
+    probe,
+)
+
 OWNER_SEED = 0x3C6EF372FE94F82B  # picks the partition (rank) that owns an id; independent of buckets
-# murmur3 fmix64 multipliers as signed int64 (Triton and torch take signed literals).
-MIX_1 = 0xFF51AFD7ED558CCD - 2**64
-MIX_2 = 0xC4CEB9FE1A85EC53 - 2**64
-LOW_31 = 0x7FFFFFFF  # (x >> 33) & LOW_31 == logical shift right by 33 of an int64
-NON_NEGATIVE = 0x7FFFFFFFFFFFFFFF
-DEFAULT_MAX_ROUNDS = 128  # displacement rounds before the ids still homeless are reported as failed
-
-
-# The constants reach the functions below as default arguments because TorchScript (the served
-# artifact scripts them) cannot read module globals; callers never pass them.
-
-
-def mix64(
-    ids: torch.Tensor, seed: int, m1: int = MIX_1, m2: int = MIX_2, low_31: int = LOW_31, non_negative: int = NON_NEGATIVE
-) -> torch.Tensor:
-    """murmur3 fmix64 of ``ids ^ seed``, cleared to a non-negative int64."""
-    x = ids ^ seed
-    x = x ^ ((x >> 33) & low_31)
-    x = x * m1
-    x = x ^ ((x >> 33) & low_31)
-    x = x * m2
-    x = x ^ ((x >> 33) & low_31)
-    return x & non_negative
-
-
-def bucket_pair(
-    ids: torch.Tensor, num_buckets: torch.Tensor, seed_1: int = SEED_1, seed_2: int = SEED_2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two candidate buckets of each id (equal only when ``num_buckets == 1``).
-
-    ``num_buckets`` is an int, or a tensor with one bucket count per id when ids of several
-    tables are looked up at once.
-    """
-    first = mix64(ids, seed_1) % num_buckets
-    second = mix64(ids, seed_2) % num_buckets
-    # A second hash that lands on the first bucket would halve the id's choices: take the next one.
-    second = torch.where(second == first, (first + 1) % num_buckets, second)
-    return first, second
 
 
 def owner_of(ids: torch.Tensor, num_partitions: int, seed: int = OWNER_SEED) -> torch.Tensor:
     """Which partition (= rank in row-wise training) owns each id."""
     return mix64(ids, seed) % num_partitions
-
-
-def probe(
-    keys: torch.Tensor, ids: torch.Tensor, slot_base: torch.Tensor, num_buckets: torch.Tensor, slots: int = SLOTS
-) -> torch.Tensor:
-    """The slot of ``keys`` holding each id, -1 where absent.
-
-    ``keys`` may hold several tables back to back: an id's table starts at slot ``slot_base`` (a
-    multiple of ``slots``) and has ``num_buckets`` buckets (ints, or tensors with one value per id).
-    """
-    first, second = bucket_pair(ids, num_buckets)
-    base = torch.div(slot_base, slots, rounding_mode="floor")
-    buckets = keys.view(-1, slots)
-    # Whole-bucket row gathers (one 64-byte line per bucket), not 16 scattered element gathers.
-    hit = torch.cat([buckets[base + first] == ids.unsqueeze(1), buckets[base + second] == ids.unsqueeze(1)], dim=1)
-    position = hit.to(torch.int8).argmax(dim=1, keepdim=True)  # at most one hit per id
-    found = hit.gather(1, position).squeeze(1)
-    position = position.squeeze(1)
-    bucket = torch.where(position < slots, base + first, base + second)
-    slot = bucket * slots + position % slots
-    return torch.where(found, slot, torch.full_like(slot, -1))
 
 
 def fold_empty(ids: torch.Tensor, empty_key: int = EMPTY_KEY) -> torch.Tensor:
