@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 STAMP := $(VENV)/.gpurec-setup
-REQUIREMENTS := pyproject.toml requirements/cpu.txt requirements/torchrec.txt requirements/data.txt requirements/dev.txt requirements/serve.txt
+REQUIREMENTS := pyproject.toml requirements/cpu.txt requirements/torchrec.txt requirements/data.txt requirements/dev.txt requirements/serve.txt requirements/stream.txt requirements/features.txt
 DEMO := runs/demo
 
 .PHONY: setup demo demo-movielens test lint bench gpu-check clean
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): $(REQUIREMENTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setup: installing the pinned CPU stack into $(VENV) (about a minute the first time)"
-	$(PIP) install -r requirements/cpu.txt -r requirements/dev.txt -r requirements/serve.txt
+	$(PIP) install -r requirements/cpu.txt -r requirements/dev.txt -r requirements/serve.txt -r requirements/stream.txt -r requirements/features.txt
 	$(PIP) install --no-deps -r requirements/torchrec.txt -r requirements/data.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

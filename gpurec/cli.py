@@ -3,6 +3,10 @@
 Each subcommand lives next to the stage it runs, as a module with `add_arguments(parser)` and
 `run(args) -> int`. Modules are imported only when their command runs, so `gpurec --help` and
 `gpurec <cmd> --help` stay fast (no torch import).
+
+Error policy: bad input (a `gpurec.errors.GpurecError`, or a bad argument) is reported as exactly
+one line on stderr, ``gpurec <command>: <what was wrong>``, exit code 2. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
+
+from gpurec.errors import GpurecError
+
+EXIT_BAD_INPUT = 2
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,27 +33,58 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpurec", description=__doc__.splitlines()[0])
+class UsageError(GpurecError):
+    """A command line argparse refused (unknown flag, missing or out-of-range value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a refused command line raises UsageError (one line, exit 2, no usage block).
+
+    Sub-parsers (`gpurec experiment <study>`) are made of this class too, since argparse creates
+    them with the parent's class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="gpurec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message is joined with '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     # Parse the command name first, then let only that command's module define its arguments.
-    if argv and argv[0] in COMMANDS:
-        module_name, help_text = COMMANDS[argv[0]]
-        module = importlib.import_module(module_name)
-        cmd_parser = argparse.ArgumentParser(prog=f"gpurec {argv[0]}", description=help_text)
-        module.add_arguments(cmd_parser)
+    if not argv or argv[0] not in COMMANDS:
+        try:
+            build_parser().parse_args(argv)
+        except UsageError as err:
+            print(f"gpurec: {one_line(err)} (`gpurec --help` lists the commands)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    cmd_parser = ArgumentParser(prog=f"gpurec {name}", description=help_text)
+    module.add_arguments(cmd_parser)
+    try:
         args = cmd_parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
-    parser.parse_args(argv)
-    return 2
+    except GpurecError as err:
+        print(f"gpurec {name}: {one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

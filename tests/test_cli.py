@@ -1,4 +1,5 @@
-"""The console command: every subcommand has --help, and --help does not import torch."""
+"""The console command: every subcommand has --help, --help does not import torch, and a bad command
+line is one stderr line, exit 2 (each command's bad input: tests/test_cli_errors.py)."""
 
 import subprocess
 import sys
@@ -22,7 +23,24 @@ def test_help_is_light():
     assert out.strip().endswith("False")
 
 
-def test_unknown_command_exits_with_usage():
+@pytest.mark.parametrize(
+    ("argv", "fragment"), [(["frobnicate"], "invalid choice: 'frobnicate'"), ([], "required: COMMAND"), (["--bogus"], "required: COMMAND")]
+)
+def test_unknown_command_is_one_line_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpurec: ") and fragment in lines[0]
+    assert "gpurec --help" in lines[0]  # where the list of commands is
+
+
+def test_top_level_help_exits_0(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["frobnicate"])
-    assert exit_info.value.code == 2
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "generate" in capsys.readouterr().out
+
+
+def test_argparse_errors_have_no_usage_block(capsys):
+    assert main(["generate", "--users"]) == 2
+    err = capsys.readouterr().err
+    assert err == "gpurec generate: argument --users: expected one argument\n"

@@ -33,6 +33,7 @@ from gpurec.client import (
     hash_raw,
     load_contract,
 )
+from gpurec.preprocess.features import raw_hashing_rules
 from gpurec.preprocess.manifest import load_manifest
 from gpurec.serve.artifact import to_tensors
 from gpurec.serve.contract import ServingContract, assemble_rows, hash_raw_features, rows_from_features
@@ -268,6 +269,9 @@ def test_unreachable_server_raises_server_unavailable_after_retries(contract, re
 
 
 def test_raw_values_hash_like_the_contract(contract):
+    # the exported contract's rules are the feature list's, not a copy kept beside it
+    assert contract.raw_hashing == raw_hashing_rules([*contract.sparse_features, *contract.multi_valued_features])
+    assert set(contract.raw_hashing) == {*contract.sparse_features, *contract.multi_valued_features}
     user = {"user_id": 7, "user_region": "EU", "device": "ios", "user_language": "en", "hour": 13, "user_like_rate": 0.1}
     candidates = {"item_id": [1, 2], "author_id": [3, 4], "item_language": ["en", "de"], "hashtags": [["cats"], ["dogs", "cats"]]}
     hashed_user, hashed_items = hash_raw(contract, user, per_candidate=False), hash_raw(contract, candidates, per_candidate=True)

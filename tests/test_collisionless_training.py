@@ -13,14 +13,15 @@ from gpurec.embedding.cuckoo import EMPTY_KEY
 from gpurec.embedding.lookup import IdLookup
 from gpurec.embedding.partition import Admitted
 from gpurec.embedding.rows import RowReinitializer, initial_rows
+from gpurec.model.checkpoint import latest_checkpoint, load_checkpoint
 from gpurec.model.config import ModelConfig
 from gpurec.model.sharded import combined_optimizer, shard_model
+from gpurec.model.trained import build_ranker, load_trained_model
 from gpurec.preprocess.manifest import load_manifest
-from gpurec.train.checkpoint import latest_checkpoint, load_checkpoint
 from gpurec.train.config import load_configs
 from gpurec.train.data import LoaderConfig, ParquetBatches
 from gpurec.train.distributed import init_distributed
-from gpurec.train.recipe import build_ranker, load_trained_model, sparse_specs
+from gpurec.train.recipe import sparse_specs
 
 
 def _replayed_id_map(features, steps: int) -> CollisionlessIds:
@@ -110,4 +111,4 @@ def test_id_tables_switch_back_to_plain_hashing(small_features, tmp_path, capsys
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["id_tables"] == "hashed"
     _, remap, state = load_trained_model(tmp_path / "run")
-    assert isinstance(remap, ModuloRemap) and state.extra["model_config"]["ids"]["kind"] == "hashed"
+    assert isinstance(remap, ModuloRemap) and state.model_config.ids.kind == "hashed"

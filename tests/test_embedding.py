@@ -15,7 +15,7 @@ from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, bucket_pair, 
 from gpurec.embedding.lookup import IdLookup
 from gpurec.embedding.partition import STAT_NAMES, FeatureBlock, IdPartition
 from gpurec.embedding.rows import initial_rows
-from gpurec.model.config import SparseFeatureSpec
+from gpurec.embedding.tables import SparseFeatureSpec
 
 HOUR_MS = 3_600_000
 

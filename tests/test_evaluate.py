@@ -26,12 +26,12 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from gpurec.cli import main
 from gpurec.data import logs
+from gpurec.model.trained import load_trained_model
 from gpurec.preprocess.manifest import load_manifest
 from gpurec.preprocess.run import preprocess
 from gpurec.train.baselines import popularity_scores, sample_train
 from gpurec.train.data import FeatureColumns
 from gpurec.train.evaluate import evaluate
-from gpurec.train.recipe import load_trained_model
 
 PREDICTORS_METRICS = {"auc", "ne", "calibration", "logloss"}
 
@@ -152,8 +152,8 @@ def test_missing_inputs_are_clear_errors(run_dir, small_features, tmp_path, caps
         evaluate(run_dir, small_features, split="holdout")
     with pytest.raises(FileNotFoundError, match="no oracle log"):
         evaluate(run_dir, small_features, oracle_dir=tmp_path)
-    with pytest.raises(SystemExit, match="gpurec evaluate: no checkpoint"):
-        main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", str(small_features)])
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", str(small_features)]) == 2
+    assert capsys.readouterr().err.startswith("gpurec evaluate: --checkpoint")
 
 
 def test_table_output_names_every_predictor(run_dir, small_features, capsys):

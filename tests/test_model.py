@@ -10,7 +10,8 @@ from torchrec.fx import symbolic_trace
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.modulo import ModuloRemap
-from gpurec.model.config import ModelConfig, SparseFeatureSpec, load_model_config
+from gpurec.embedding.tables import SparseFeatureSpec
+from gpurec.model.config import ModelConfig, load_model_config
 from gpurec.model.dlrm import build_model, combine_task_scores, multi_task_loss
 from gpurec.model.sharded import combined_optimizer, shard_model
 from gpurec.train.distributed import init_distributed

@@ -27,12 +27,12 @@ import torch
 from conftest import serve_for_tests, train_small
 
 from gpurec.cli import main
+from gpurec.model.trained import load_trained_model
 from gpurec.preprocess.manifest import load_manifest
 from gpurec.serve.artifact import to_tensors
 from gpurec.serve.contract import ContractError, ServingContract, hash_raw_features, rows_from_features
 from gpurec.serve.export import eager_scores
 from gpurec.serve.server import TritonServer
-from gpurec.train.recipe import load_trained_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_CONFIG, train_small
 
-from gpurec.train.checkpoint import checkpoint_root, latest_checkpoint, read_trainer_state
+from gpurec.model.checkpoint import checkpoint_root, latest_checkpoint, read_trainer_state
 from gpurec.train.config import TrainConfig, load_configs
 
 
@@ -52,7 +52,7 @@ def test_checkpoints_keep_the_newest_two(small_features, tmp_path):
     assert latest.name == "step-00000012"
     state = read_trainer_state(latest)
     assert state.step == 12 and state.samples == 12 * 256
-    assert state.extra["labels"] == ["like", "finish"]
+    assert state.run.labels == ("like", "finish")
 
 
 def _cli_train(features: Path, out: Path, nproc: int, batch_size: int, sharding: str) -> list[float]:
@@ -88,9 +88,9 @@ def test_two_ranks_follow_one_rank(small_features, tmp_path, sharding):
 
     # Both checkpoints load unsharded (the 2-rank one with both ranks' id-map partitions merged)
     # and score the test rows alike, although their id -> row layouts differ.
+    from gpurec.model.trained import load_trained_model
     from gpurec.preprocess.manifest import load_manifest
     from gpurec.train.evaluate import model_scores
-    from gpurec.train.recipe import load_trained_model
 
     manifest = load_manifest(small_features)
     test_files = manifest.split_files("test", small_features)

@@ -4,7 +4,9 @@ A request is one user's context plus N candidate items, by feature name, as in
 `gpurec.serve.contract.assemble_rows`: `user` maps each per-user feature to one value (``user_id``,
 ``device``, ``hour``, ``user_like_rate``...), `candidates` maps each per-item feature to N values
 (``item_id``, ``hashtags`` as lists of ids, ``item_age_hours``...). Sparse values are hashed ids;
-`hash_raw` turns raw values (integer ids, strings) into them exactly as preprocessing does.
+`hash_raw` turns raw values (integer ids, strings, the hour of day) into them exactly as
+preprocessing does, through the contract's one raw hasher (`hash_raw_features`) and the rules
+recorded in `contract.json`.
 Alternatively `candidates` may already be the model's input arrays (a mapping with a ``dense``
 key, e.g. from `rows_from_features`), with `user` empty.
 
@@ -25,11 +27,12 @@ from gpurec.client.errors import InvalidRequest
 from gpurec.serve.contract import (
     CONTRACT_FILE,
     DENSE_INPUT,
+    PAD_ID,
     RANKER_MODEL,
-    RAW_HASHING,
     ContractError,
     ServingContract,
     assemble_rows,
+    hash_raw_features,
 )
 
 Features = Mapping[str, Any]
@@ -101,31 +104,24 @@ def load_contract(source: ServingContract | str | Path) -> ServingContract:
 def hash_raw(contract: ServingContract, values: Features, per_candidate: bool) -> dict[str, Any]:
     """Hash the raw sparse values in `values` (user context, or candidates if `per_candidate`).
 
-    Sparse features take integer ids or strings as preprocessing saw them (``user_region="EU"``,
-    ``hashtags=[["cats", "dogs"], ...]``); dense features pass through unchanged.
+    Sparse features take raw values as preprocessing saw them, by the contract's rule for each
+    (``user_id=7``, ``user_region="EU"``, ``hour=13``, ``hashtags=[["cats", "dogs"], ...]``);
+    other values (dense features) pass through unchanged. Raises `InvalidRequest` naming the
+    feature for a value its rule does not take.
     """
-    from gpurec.data.hashing_core import hash_ids_np, hash_string
-
-    rules = contract.raw_hashing or RAW_HASHING
-    multi = set(contract.multi_valued_features)
-
-    def one(value: Any, name: str) -> int:
-        if rules.get(name) == "string":
-            if not isinstance(value, str):
-                raise InvalidRequest(f"feature {name!r} takes strings (raw), got {value!r}")
-            return hash_string(value, name)
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise InvalidRequest(f"feature {name!r} takes integer ids (raw), got {value!r}")
-        return int(hash_ids_np(np.asarray([value], dtype=np.int64), name)[0])
-
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in contract.sparse_features and name not in multi:
-            out[name] = value
-        elif name in multi:
-            out[name] = [[one(v, name) for v in row] for row in value] if per_candidate else [one(v, name) for v in value]
-        else:
-            out[name] = [one(v, name) for v in value] if per_candidate else one(value, name)
+    sparse = {*contract.sparse_features, *contract.multi_valued_features}
+    given = {name: value for name, value in values.items() if name in sparse}
+    try:  # one row for the user's values, N for the candidates'
+        hashed = hash_raw_features(
+            contract, given if per_candidate else {n: [v] for n, v in given.items()}, all_features=False
+        )
+    except ContractError as err:
+        raise InvalidRequest(f"invalid request: {err}") from err
+    out = dict(values)
+    for name, ids in hashed.items():
+        # hashed ids are never PAD_ID, so dropping it gives back exactly each row's ids
+        rows = [row[row != PAD_ID].tolist() for row in ids] if name in contract.multi_valued_features else ids[:, 0].tolist()
+        out[name] = rows if per_candidate else rows[0]
     return out
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from gpurec.checks import iso_day, non_negative_int, output_dir, positive_int
 from gpurec.data import logs
 from gpurec.data.calibration import compute_stats, report
 from gpurec.data.schema import LOGS
 from gpurec.data.simulator import items_table, next_request_id_after, simulate_day, users_table
 from gpurec.data.world import BehaviourConfig, World, WorldConfig
+from gpurec.errors import InvalidInput, OutputExists
 
 DATASETS = ("synthetic", "movielens-100k")
 WORLD_FILE = "world.json"
@@ -31,22 +33,24 @@ WORLD_FILE = "world.json"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory for the logs")
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic")
-    parser.add_argument("--users", type=int, default=WorldConfig.users)
-    parser.add_argument("--items", type=int, default=WorldConfig.items)
-    parser.add_argument("--days", type=int, default=WorldConfig.days)
-    parser.add_argument("--seed", type=int, default=WorldConfig.seed)
-    parser.add_argument("--start-day", default=WorldConfig.start_day, help="first day, YYYY-MM-DD (UTC)")
+    parser.add_argument("--users", type=positive_int, default=WorldConfig.users)
+    parser.add_argument("--items", type=positive_int, default=WorldConfig.items)
+    parser.add_argument("--days", type=positive_int, default=WorldConfig.days)
+    parser.add_argument("--seed", type=non_negative_int, default=WorldConfig.seed)
+    parser.add_argument("--start-day", type=iso_day, default=WorldConfig.start_day, help="first day, YYYY-MM-DD (UTC)")
     parser.add_argument("--overwrite", action="store_true", help="replace logs already in --out")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to append to existing logs (parts would double every row) unless told to replace."""
+    """Refuse to append to existing logs (parts would double every row) unless told to replace.
+
+    Raises InvalidInput when `out` (or a parent) is a file, OutputExists when it holds logs.
+    """
+    output_dir(out, "--out")
     existing = [name for name in LOGS if (out / name).exists()]
     if existing and not overwrite:
-        raise SystemExit(
-            f"gpurec generate: {out} already holds logs {existing}; pass --overwrite to replace them"
-        )
+        raise OutputExists(f"{out} already holds logs {existing}; pass --overwrite to replace them")
     for name in existing:
         shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,17 +135,19 @@ def load_world_config(path: Path) -> WorldConfig:
 def run(args: argparse.Namespace) -> int:
     prepare_out_dir(args.out, args.overwrite)
     if args.dataset == "movielens-100k":
-        from gpurec.data.movielens import DatasetNotFound, convert_movielens_100k
+        from gpurec.data.movielens import convert_movielens_100k
 
-        try:
-            result = {"dataset": "movielens-100k", "out": str(args.out), **convert_movielens_100k(args.out)}
-        except DatasetNotFound as err:
-            raise SystemExit(f"gpurec generate: {err}") from None
+        result = {"dataset": "movielens-100k", "out": str(args.out), **convert_movielens_100k(args.out)}
     else:
         config = WorldConfig(
             users=args.users, items=args.items, days=args.days, seed=args.seed, start_day=args.start_day
         )
         result = generate_synthetic(config, args.out, progress=not args.json)
+        if result["impressions"] == 0:  # logs with nothing in them would only fail later, in preprocess
+            raise InvalidInput(
+                f"the world of {config.users} users, {config.items} items and {config.days} days produced no impressions; "
+                "give it more users and items"
+            )
     if args.json:
         print(json.dumps(result))
     else:

@@ -11,7 +11,8 @@ versions, different on the cuDF engine) nor Python's `hash()` (salted per proces
   (regions, languages, hashtags), so their distinct values are hashed on the host and joined in.
 
 Salting by feature keeps the same raw value in two features (user 7, author 7) apart when
-tables are shared.
+tables are shared. No function here returns the padding id `PAD_ID`: a hash equal to it becomes
+`PAD_FOLD_ID` (see `hashing_core`), in Polars exactly as in numpy and Python.
 """
 
 from __future__ import annotations
@@ -25,14 +26,30 @@ from gpurec.data.hashing_core import (
     _GOLDEN,
     _M1,
     _M2,
+    PAD_FOLD_ID,
+    PAD_ID,
+    RAW_RULES,
     feature_salt,
     hash_id,
     hash_ids_np,
+    hash_raw_values,
     hash_string,
     splitmix64,
 )
 
-__all__ = ["feature_salt", "hash_id", "hash_ids_expr", "hash_ids_np", "hash_string", "splitmix64", "string_hash_table"]
+__all__ = [
+    "PAD_FOLD_ID",
+    "PAD_ID",
+    "RAW_RULES",
+    "feature_salt",
+    "hash_id",
+    "hash_ids_expr",
+    "hash_ids_np",
+    "hash_raw_values",
+    "hash_string",
+    "splitmix64",
+    "string_hash_table",
+]
 
 
 def _shr(x: pl.Expr, bits: int) -> pl.Expr:
@@ -40,14 +57,15 @@ def _shr(x: pl.Expr, bits: int) -> pl.Expr:
 
 
 def hash_ids_expr(expr: pl.Expr, feature: str) -> pl.Expr:
-    """`hash_id` as a Polars expression over an integer column; returns Int64."""
+    """`hash_id` as a Polars expression over an integer column; returns Int64 (never `PAD_ID`)."""
     u64 = pl.UInt64
     x = expr.cast(pl.Int64).reinterpret(signed=False).xor(pl.lit(feature_salt(feature), dtype=u64))
     x = x + pl.lit(_GOLDEN, dtype=u64)
     x = x.xor(_shr(x, 30)) * pl.lit(_M1, dtype=u64)
     x = x.xor(_shr(x, 27)) * pl.lit(_M2, dtype=u64)
-    x = x.xor(_shr(x, 31))
-    return x.reinterpret(signed=True)
+    x = x.xor(_shr(x, 31)).reinterpret(signed=True)
+    # name.keep: the input column's name, as before the fold (when/then would name it "literal")
+    return pl.when(x == PAD_ID).then(pl.lit(PAD_FOLD_ID, dtype=pl.Int64)).otherwise(x).name.keep()
 
 
 def string_hash_table(values: Iterable[str], feature: str, column: str = "value") -> pl.DataFrame:

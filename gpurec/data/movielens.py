@@ -50,6 +50,7 @@ import pyarrow as pa
 
 from gpurec.data.logs import list_days, write_by_day
 from gpurec.data.schema import LOGS
+from gpurec.errors import InputNotFound, OutputExists
 
 DURATION_MS = 60 * 60 * 1000
 """Nominal runtime of every movie (60 minutes: a full watch stays within validate.MAX_WATCH_MS)."""
@@ -60,8 +61,9 @@ _FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
 _INSTALL_HINT = "run `make setup`, or `pip install --no-deps recbole==1.2.1` (the `data` extra)"
 
 
-class DatasetNotFound(RuntimeError):
-    """The MovieLens-100K files are not where they were looked for."""
+class DatasetNotFound(InputNotFound, RuntimeError):
+    """The MovieLens-100K files are not where they were looked for (RuntimeError: what it was before
+    it became an InputNotFound, kept for callers that catch that)."""
 
 
 def find_movielens_100k() -> Path:
@@ -221,7 +223,7 @@ def convert_movielens_100k(out_dir: str | Path, *, source_dir: str | Path | None
     logs = ("impressions", "actions", "items", "users")
     existing = [log for log in logs if list_days(out, log)]
     if existing:
-        raise FileExistsError(f"{out} already holds logs {existing}; choose an empty directory")
+        raise OutputExists(f"{out} already holds logs {existing}; choose an empty directory")
 
     ratings = read_ratings(folder)
     impressions, actions = _impressions_actions(ratings)

@@ -24,15 +24,18 @@ the same state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.config import DEFAULT_ROW, IdTableConfig
 from gpurec.embedding.cuckoo import fold_empty, owner_of
-from gpurec.embedding.lookup import drop_from_bags, value_tables
+from gpurec.embedding.lookup import IdLookup, drop_from_bags, value_tables
 from gpurec.embedding.partition import STAT_NAMES, Admitted, FeatureBlock, IdPartition
-from gpurec.model.config import SparseFeatureSpec
+from gpurec.embedding.tables import SparseFeatureSpec
+from gpurec.errors import InvalidInput
 
 
 def partition_block(rows: int, partition: int, partitions: int) -> tuple[int, int]:
@@ -146,6 +149,19 @@ class CollisionlessIds:
             if key not in state:
                 raise KeyError(f"id-table state has no {key!r} (was the checkpoint written with {self.world_size} ranks?)")
             target.copy_(state[key])
+
+    def check_resume(self, written_world_size: int) -> None:
+        if written_world_size != self.world_size:
+            raise InvalidInput(
+                f"the checkpoint holds collisionless id maps partitioned over {written_world_size} ranks; resume "
+                f"it with {written_world_size} ranks (repartitioning id maps to {self.world_size} ranks is not "
+                "supported yet)"
+            )
+
+    @classmethod
+    def merged_lookup(cls, maps: Sequence[CollisionlessIds]) -> IdLookup:
+        """Every partition's maps in one read-only `IdLookup` (``maps[p]`` = partition p)."""
+        return IdLookup.from_partitions([m.partition for m in maps])
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per feature, summed over ranks: rows used, capacity, occupancy, load factor, counters."""

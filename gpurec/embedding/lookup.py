@@ -95,6 +95,12 @@ class IdLookup(nn.Module):
         return keys[keys != EMPTY_KEY]
 
     @torch.jit.unused
+    def feature_rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """The row of each id of one feature, -1 for ids without a row of their own."""
+        index = torch.full_like(ids, self.features.index(feature))
+        return self.rows_of(index, ids)
+
+    @torch.jit.unused
     def _table_keys(self, base_index: int, feature: int) -> torch.Tensor:
         start = int(self.slot_base[base_index])
         return self.keys[start : start + int(self.num_buckets[feature]) * SLOTS]

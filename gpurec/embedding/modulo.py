@@ -1,15 +1,13 @@
 """Plain-hashing id remap: a hashed 64-bit id goes to row ``id mod rows`` of its table.
 
 Preprocessing hashes every sparse value to a signed 64-bit id (`gpurec.data.hashing`), far
-more ids than any table has rows. Until collisionless tables arrive, ids share rows by
+more ids than any table has rows. With ``[model.ids] kind = "hashed"``, ids share rows by
 modulo: distinct ids may collide, which costs some accuracy but needs no vocabulary and no
 state, so every trainer and server maps an id to the same row.
 
 `ModuloRemap` is an ``nn.Module`` from a KeyedJaggedTensor of hashed ids to a KeyedJaggedTensor
-of row ids with the same keys, lengths and weights. The collisionless remapper (a later issue)
-keeps exactly this interface (constructed from per-feature row counts, ``forward(kjt) -> kjt``),
-so swapping it in changes no caller. It runs before the embedding collection, in the data
-pipeline during training and in front of the model when serving.
+of row ids with the same keys, lengths and weights: the serving lookup of the hashed id map
+(`gpurec.embedding.idmap.HashedIds`), with the same interface as the collisionless `IdLookup`.
 """
 
 import torch
@@ -35,6 +33,19 @@ class ModuloRemap(nn.Module):
         # One shared row count (the common case) needs a single remainder, no per-value divisors.
         distinct_rows = set(num_embeddings.values())
         self._shared_rows: int = distinct_rows.pop() if len(distinct_rows) == 1 else 0
+        self.features: list[str] = list(num_embeddings)
+
+    @torch.jit.unused
+    def stored_ids(self, feature: str) -> torch.Tensor:
+        """Ids with a row of their own: none, every id shares its row by modulo."""
+        if feature not in self.num_embeddings:
+            raise KeyError(f"ModuloRemap: no feature {feature!r}")
+        return torch.empty(0, dtype=torch.int64)
+
+    @torch.jit.unused
+    def feature_rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """The row of each id of one feature (never -1: every id has a row, maybe a shared one)."""
+        return torch.remainder(ids, self.num_embeddings[feature])
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if features.variable_stride_per_key():

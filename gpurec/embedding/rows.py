@@ -20,7 +20,7 @@ from torch import nn
 from gpurec.data.hashing_core import feature_salt, to_signed
 from gpurec.embedding.cuckoo import mix64
 from gpurec.embedding.partition import Admitted
-from gpurec.model.config import SparseFeatureSpec
+from gpurec.embedding.tables import SparseFeatureSpec
 
 _COLUMN_STRIDE = 0x9E3779B97F4A7C15 - 2**64  # golden-ratio steps between the columns' hash inputs
 _MANTISSA = 1 << 53

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from torch import nn
 
 from gpurec.data.world import WorldConfig
-from gpurec.embedding.lookup import IdLookup
-from gpurec.embedding.modulo import ModuloRemap
+from gpurec.errors import InvalidInput
 from gpurec.model.config import ModelConfig
 from gpurec.preprocess.manifest import Manifest, load_manifest
 from gpurec.train.config import DEFAULT_CONFIG, TrainConfig, load_configs
@@ -87,12 +87,10 @@ def collision_rate(ids: Sequence[int] | np.ndarray, num_rows: int) -> float:
     return shared_row_count(np.mod(distinct, num_rows)) / distinct.size
 
 
-def rows_of(remap: ModuloRemap | IdLookup, feature: str, ids: np.ndarray) -> np.ndarray:
+def rows_of(remap: nn.Module, feature: str, ids: np.ndarray) -> np.ndarray:
     """The row each id reads in a trained id map; -1 where a collisionless table has no row for it."""
     values = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-    if isinstance(remap, IdLookup):
-        return remap.rows_of(torch.full_like(values, remap.features.index(feature)), values).numpy()
-    return torch.remainder(values, remap.num_embeddings[feature]).numpy()
+    return remap.feature_rows(feature, values).numpy()
 
 
 def training_ids(manifest: Manifest, data_dir: Path) -> dict[str, np.ndarray]:
@@ -113,7 +111,7 @@ def training_ids(manifest: Manifest, data_dir: Path) -> dict[str, np.ndarray]:
 
 
 def id_table_report(
-    remap: ModuloRemap | IdLookup, ids: dict[str, np.ndarray], num_rows: dict[str, int], table_stats: Any
+    remap: nn.Module, ids: dict[str, np.ndarray], num_rows: dict[str, int], table_stats: Any
 ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Pooled and per-feature collision and default rates of a trained id map over ``ids``."""
     per_feature: dict[str, dict[str, Any]] = {}
@@ -184,19 +182,20 @@ def train_and_measure(
     progress: bool,
 ) -> dict[str, Any]:
     """Train one table kind from scratch, score it on the test split, measure its id map."""
+    from gpurec.model.trained import load_trained_model
     from gpurec.train.baselines import scan_split
     from gpurec.train.evaluate import model_scores, task_metrics
-    from gpurec.train.recipe import load_trained_model, train
+    from gpurec.train.recipe import train
 
     shutil.rmtree(run_dir, ignore_errors=True)  # no resuming from an older run
     summary = train(data_dir, run_dir, model_config, train_config, progress=progress)
-    model, remap, state = load_trained_model(run_dir)
+    model, remap, run = load_trained_model(run_dir)
     manifest = load_manifest(data_dir)
     tasks = list(model.heads)
     labels = scan_split(manifest, data_dir, "test").select(tasks).collect()
     scores = model_scores(model, remap, manifest, manifest.split_files("test", data_dir))
     metrics = {t: task_metrics(labels[t].to_numpy().astype(np.float64), scores[t]) for t in tasks}
-    num_rows = {spec["name"]: int(spec["num_embeddings"]) for spec in state.extra["sparse_specs"]}
+    num_rows = {spec.name: spec.num_embeddings for spec in run.sparse_specs}
     pooled, per_feature = id_table_report(remap, train_ids, num_rows, summary["id_tables"])
     return {
         "table": model_config.ids.kind,
@@ -272,7 +271,7 @@ def parse_datasets(text: str) -> list[str]:
     names = [ALIASES.get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in DATASETS]
     if unknown or not names:
-        raise ValueError(f"unknown datasets {unknown} (choose from {', '.join(DATASETS)}, or 'movielens')")
+        raise InvalidInput(f"unknown datasets {unknown} (choose from {', '.join(DATASETS)}, or 'movielens')")
     return list(dict.fromkeys(names))
 
 
@@ -280,32 +279,26 @@ def parse_rows_per_id(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--rows-per-id takes positive numbers separated by commas, got {text!r}") from None
+        raise InvalidInput(f"--rows-per-id takes positive numbers separated by commas, got {text!r}") from None
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ValueError(f"--rows-per-id takes positive numbers separated by commas, got {text!r}")
+        raise InvalidInput(f"--rows-per-id takes positive numbers separated by commas, got {text!r}")
     return list(dict.fromkeys(values))
 
 
 def run(args) -> int:
-    from gpurec.train.distributed import quiet_library_warnings
+    from gpurec.model.library_warnings import quiet_library_warnings
 
     quiet_library_warnings()
-    try:
-        datasets = parse_datasets(args.datasets)
-        settings = parse_rows_per_id(args.rows_per_id)
-    except ValueError as err:
-        raise SystemExit(f"gpurec experiment collisionless: {err}") from None
+    datasets = parse_datasets(args.datasets)  # bad values raise InvalidInput: one line from the CLI
+    settings = parse_rows_per_id(args.rows_per_id)
     world = WorldConfig(users=args.users, items=args.items, days=args.days, seed=args.seed)
     say = (lambda _: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
     # With --json, stdout carries exactly one line: anything a stage prints goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    try:
-        with quiet:
-            report = run_study(
-                args.out, datasets, settings, world, args.seed, args.epochs, args.max_steps, progress=not args.json, say=say
-            )
-    except FileNotFoundError as err:  # e.g. MovieLens not installed
-        raise SystemExit(f"gpurec experiment collisionless: {err}") from err
+    with quiet:  # a missing dataset raises DatasetNotFound (an InputNotFound): one line from the CLI
+        report = run_study(
+            args.out, datasets, settings, world, args.seed, args.epochs, args.max_steps, progress=not args.json, say=say
+        )
     if args.json:
         print(json.dumps(report))
     else:

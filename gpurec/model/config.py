@@ -16,43 +16,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from gpurec.embedding.config import IdTableConfig
+from gpurec.embedding.tables import POOLINGS, Pooling, SparseFeatureSpec, require_positive_int
+from gpurec.errors import InputNotFound, InvalidInput
 
 _Config = TypeVar("_Config")
-Pooling = Literal["sum", "mean"]
 Interaction = Literal["dot", "dcn"]
 
-POOLINGS: tuple[str, ...] = ("sum", "mean")
 INTERACTIONS: tuple[str, ...] = ("dot", "dcn")
-
-
-@dataclass(frozen=True)
-class SparseFeatureSpec:
-    """One sparse feature and the embedding table (``t_<name>``) that serves it.
-
-    ``multi_valued`` features (hashtags) have a variable number of ids per example that the
-    table pools with ``pooling``; single-valued features have exactly one id per example.
-    """
-
-    name: str
-    num_embeddings: int
-    embedding_dim: int
-    multi_valued: bool = False
-    pooling: Pooling = "sum"
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("sparse feature name must be non-empty")
-        _require_positive_int(f"sparse feature {self.name!r} num_embeddings", self.num_embeddings)
-        _require_positive_int(f"sparse feature {self.name!r} embedding_dim", self.embedding_dim)
-        if self.pooling not in POOLINGS:
-            raise ValueError(
-                f"sparse feature {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}"
-            )
-
-    @property
-    def table_name(self) -> str:
-        """Name of the embedding table; sharding plans and checkpoints refer to tables by it."""
-        return f"t_{self.name}"
 
 
 @dataclass(frozen=True)
@@ -90,34 +60,34 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        _require_positive_int("embedding_dim", self.embedding_dim)
-        _require_positive_int("default_num_embeddings", self.default_num_embeddings)
+        require_positive_int("embedding_dim", self.embedding_dim)
+        require_positive_int("default_num_embeddings", self.default_num_embeddings)
         for feature, rows in self.num_embeddings.items():
-            _require_positive_int(f"num_embeddings[{feature!r}]", rows)
+            require_positive_int(f"num_embeddings[{feature!r}]", rows)
         if self.interaction not in INTERACTIONS:
-            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
+            raise InvalidInput(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
         if self.multi_valued_pooling not in POOLINGS:
-            raise ValueError(
+            raise InvalidInput(
                 f"multi_valued_pooling must be one of {POOLINGS}, got {self.multi_valued_pooling!r}"
             )
         if self.interaction == "dot" and self.bottom_mlp[-1] != self.embedding_dim:
-            raise ValueError(
+            raise InvalidInput(
                 f"dot interaction needs bottom_mlp[-1] == embedding_dim, got {self.bottom_mlp[-1]} != {self.embedding_dim}"
             )
-        _require_positive_int("dcn_layers", self.dcn_layers)
-        _require_positive_int("dcn_low_rank", self.dcn_low_rank)
+        require_positive_int("dcn_layers", self.dcn_layers)
+        require_positive_int("dcn_low_rank", self.dcn_low_rank)
         if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct, got {self.tasks}")
+            raise InvalidInput(f"tasks must be distinct, got {self.tasks}")
         for task in self.tasks:
             if not task.isidentifier():
-                raise ValueError(f"task names must be identifiers (they name model heads), got {task!r}")
+                raise InvalidInput(f"task names must be identifiers (they name model heads), got {task!r}")
         if not self.score_weights:
-            raise ValueError("score_weights must weight at least one task")
+            raise InvalidInput("score_weights must weight at least one task")
         for task, weight in self.score_weights.items():
             if task not in self.tasks:
-                raise ValueError(f"score_weights names unknown task {task!r} (tasks: {self.tasks})")
+                raise InvalidInput(f"score_weights names unknown task {task!r} (tasks: {self.tasks})")
             if isinstance(weight, bool) or not isinstance(weight, int | float):
-                raise ValueError(f"score_weights[{task!r}] must be a number, got {weight!r}")
+                raise InvalidInput(f"score_weights[{task!r}] must be a number, got {weight!r}")
 
     def sparse_specs(
         self, features: Iterable[str], multi_valued: Iterable[str] = ()
@@ -131,11 +101,11 @@ class ModelConfig:
         names = list(features)
         unknown = multi - set(names)
         if unknown:
-            raise ValueError(f"multi_valued names features not in the feature list: {sorted(unknown)}")
+            raise InvalidInput(f"multi_valued names features not in the feature list: {sorted(unknown)}")
         # A misspelt override would otherwise leave the real feature at the default size.
         unknown = set(self.num_embeddings) - set(names)
         if unknown:
-            raise ValueError(f"num_embeddings names features not in the feature list: {sorted(unknown)}")
+            raise InvalidInput(f"num_embeddings names features not in the feature list: {sorted(unknown)}")
         return [
             SparseFeatureSpec(
                 name=name,
@@ -159,7 +129,7 @@ def dataclass_from_mapping(cls: type[_Config], values: Mapping[str, Any], sectio
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in known:
-            raise ValueError(f"unknown key {key!r} in {section} config (known keys: {', '.join(known)})")
+            raise InvalidInput(f"unknown key {key!r} in {section} config (known keys: {', '.join(known)})")
     return cls(**values)
 
 
@@ -171,47 +141,49 @@ def load_model_config(path: str | Path, section: str = "model") -> ModelConfig:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise InvalidInput(f"{path}: unsupported config format {suffix!r} (use .toml, .yaml or .yml)")
+    if not path.is_file():
+        raise InputNotFound(f"config file {path} does not exist")
     if suffix == ".toml":
-        with path.open("rb") as f:
-            document = tomllib.load(f)
+        try:
+            with path.open("rb") as f:
+                document = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidInput(f"{path} is not valid TOML: {err}") from err
     elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as exc:
-            raise ValueError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or use TOML") from exc
+            raise InvalidInput(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or use TOML") from exc
         document = yaml.safe_load(path.read_text()) or {}
     else:
-        raise ValueError(f"{path}: unsupported config format {suffix!r} (use .toml, .yaml or .yml)")
+        raise InvalidInput(f"{path}: unsupported config format {suffix!r} (use .toml, .yaml or .yml)")
     if section not in document:
-        raise ValueError(f"{path}: no [{section}] section")
+        raise InvalidInput(f"{path}: no [{section}] section")
     try:
         return ModelConfig.from_dict(_mapping(section, document[section]))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-
-
-def _require_positive_int(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        raise InvalidInput(f"{path}: {exc}") from exc
 
 
 def _int_tuple(what: str, values: Iterable[int]) -> tuple[int, ...]:
     result = tuple(values)
     if not result:
-        raise ValueError(f"{what} must have at least one layer")
+        raise InvalidInput(f"{what} must have at least one layer")
     for size in result:
-        _require_positive_int(f"{what} layer size", size)
+        require_positive_int(f"{what} layer size", size)
     return result
 
 
 def _str_tuple(what: str, values: Iterable[str]) -> tuple[str, ...]:
     result = (values,) if isinstance(values, str) else tuple(values)
     if not result or not all(isinstance(v, str) and v for v in result):
-        raise ValueError(f"{what} must be a non-empty list of names, got {values!r}")
+        raise InvalidInput(f"{what} must be a non-empty list of names, got {values!r}")
     return result
 
 
 def _mapping(what: str, value: object) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"{what} must be a table/mapping, got {type(value).__name__}")
+        raise InvalidInput(f"{what} must be a table/mapping, got {type(value).__name__}")
     return value

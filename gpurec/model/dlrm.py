@@ -23,7 +23,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gpurec.model.config import ModelConfig, SparseFeatureSpec
+from gpurec.embedding.tables import SparseFeatureSpec
+from gpurec.model.config import ModelConfig
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 

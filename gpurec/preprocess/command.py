@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from gpurec.preprocess.engine import ENGINES, EngineUnavailableError
+from gpurec.checks import fraction
+from gpurec.preprocess.engine import ENGINES
 from gpurec.preprocess.run import Summary, preprocess
 from gpurec.preprocess.splits import Shard
 
@@ -27,9 +28,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine", choices=ENGINES, default="auto", help="auto: GPU if cudf-polars and a CUDA device are present, else CPU"
     )
     parser.add_argument("--shard", type=_shard, default=None, metavar="i/N", help="process only block i of N of the days")
-    parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of the days (before test) for validation")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of the last days for test")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object with the summary")
+    parser.add_argument("--valid-fraction", type=fraction, default=0.1, help="share of the days (before test) for validation")
+    parser.add_argument("--test-fraction", type=fraction, default=0.1, help="share of the last days for test")
+    parser.add_argument(
+        "--json", action="store_true", help="print exactly one JSON object with the summary (and no progress lines on stderr)"
+    )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
 
 
 def _print_summary(summary: Summary) -> None:
@@ -41,24 +56,21 @@ def _print_summary(summary: Summary) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("gpurec.preprocess")
-    if not logger.handlers:
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        summary = preprocess(
-            args.input,
-            args.out,
-            engine=args.engine,
-            shard=args.shard,
-            valid_fraction=args.valid_fraction,
-            test_fraction=args.test_fraction,
-        )
-    except (EngineUnavailableError, FileNotFoundError, ValueError) as error:
-        print(f"gpurec preprocess: {error}", file=sys.stderr)
-        return 2
+    # Progress lines are for a person watching; --json is for a program, which gets warnings only.
+    logger.setLevel(logging.WARNING if args.json else logging.INFO)
+    summary = preprocess(
+        args.input,
+        args.out,
+        engine=args.engine,
+        shard=args.shard,
+        valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction,
+    )
     if args.json:
         print(json.dumps(summary.as_json()))
     else:

@@ -17,12 +17,14 @@ from typing import Literal
 
 import polars as pl
 
+from gpurec.errors import GpurecError, InvalidInput
+
 EngineName = Literal["auto", "cpu", "gpu"]
 ENGINES: tuple[str, ...] = ("auto", "cpu", "gpu")
 GPU_INSTALL_HINT = "pip install cudf-polars-cu13==26.10.2 (or the project's extra: pip install 'gpurec[gpu]')"
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(GpurecError, RuntimeError):
     """The requested engine cannot run here; the message says why and how to fix it."""
 
 
@@ -66,7 +68,7 @@ def cuda_device_present() -> bool:
 def resolve_engine(requested: str) -> EngineChoice:
     """Map `auto|cpu|gpu` to the engine that will run; `gpu` that cannot run raises with a fix."""
     if requested not in ENGINES:
-        raise ValueError(f"unknown engine {requested!r}; expected one of {ENGINES}")
+        raise InvalidInput(f"unknown engine {requested!r}; expected one of {ENGINES}")
     if requested == "cpu":
         return EngineChoice("cpu", "requested")
     has_package, has_device = cudf_polars_installed(), cuda_device_present()

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpurec.errors import InputNotFound, InvalidInput
+
 MANIFEST_VERSION = 1
 SINGLE_NAME = "manifest.json"
 _SHARD_FILE = re.compile(r"^manifest\.shard-(\d+)-of-(\d+)\.json$")
@@ -136,10 +138,25 @@ class Manifest:
         return means, stds
 
     def split_files(self, split: str, root: str | Path) -> list[Path]:
-        """Absolute paths of a split's files, in day order (root: the directory holding the manifest)."""
+        """Absolute paths of a split's files, in day order (root: the directory holding the manifest).
+
+        Raises InvalidInput for a split the manifest does not have.
+        """
         if split not in self.splits:
-            raise KeyError(f"no split {split!r} in manifest; have {sorted(self.splits)}")
+            raise InvalidInput(f"no split {split!r} in the manifest of {root}; have {sorted(self.splits)}")
         return [Path(root) / f for f in self.splits[split].files]
+
+    def require_rows(self, split: str, root: str | Path) -> list[Path]:
+        """`split_files`, but InvalidInput when the split has no rows (nothing to train or score on)."""
+        files = self.split_files(split, root)
+        if self.splits[split].rows == 0:
+            days = len(self.source.get("days", [])) if isinstance(self.source, dict) else 0
+            raise InvalidInput(
+                f"the {split!r} split of {root} has no rows (splits: "
+                + ", ".join(f"{name} {info.rows:,}" for name, info in self.splits.items())
+                + f"; {days} day(s) of input); preprocess more days, or check the dead letter under {Path(root) / 'dead_letter'}"
+            )
+        return files
 
     # ---- JSON --------------------------------------------------------------------------------
 
@@ -148,10 +165,18 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        data["features"] = [FeatureInfo(**f) for f in data["features"]]
-        data["splits"] = {name: SplitInfo(**s) for name, s in data["splits"].items()}
-        return cls(**data)
+        """Parse a manifest; InvalidInput (naming what is wrong) for anything that is not one."""
+        try:
+            data = json.loads(text)
+            data["features"] = [FeatureInfo(**f) for f in data["features"]]
+            data["splits"] = {name: SplitInfo(**s) for name, s in data["splits"].items()}
+            return cls(**data)
+        except json.JSONDecodeError as err:
+            raise InvalidInput(f"not JSON: {err}") from None
+        except KeyError as err:
+            raise InvalidInput(f"not a manifest: no {err} key") from None
+        except (TypeError, AttributeError) as err:  # wrong shape, unknown or missing fields
+            raise InvalidInput(f"not a manifest: {err}") from None
 
     def write(self, directory: str | Path) -> Path:
         name = SINGLE_NAME if self.shard is None else shard_manifest_name(self.shard["index"], self.shard["count"])
@@ -171,14 +196,14 @@ def _sum_counts(a: Any, b: Any) -> Any:
 def merge_manifests(parts: list[Manifest]) -> Manifest:
     """One manifest for the whole run from the manifests of shards 0..N-1 (any order)."""
     if not parts:
-        raise ValueError("no shard manifests to merge")
+        raise InvalidInput("no shard manifests to merge")
     parts = sorted(parts, key=lambda m: m.shard["index"] if m.shard else 0)
     first = parts[0]
     splits = {name: SplitInfo() for name in first.splits}
     counts: dict[str, Any] = {}
     for part in parts:
         if [asdict(f) for f in part.features] != [asdict(f) for f in first.features] or part.dense_order != first.dense_order:
-            raise ValueError("shard manifests disagree on the feature list; were they written by different versions?")
+            raise InvalidInput("shard manifests disagree on the feature list; were they written by different versions?")
         for name, info in part.splits.items():
             splits[name] = splits.setdefault(name, SplitInfo()).merged(info)
         counts = _sum_counts(counts, part.counts) if counts else dict(part.counts)
@@ -204,26 +229,43 @@ def merge_manifests(parts: list[Manifest]) -> Manifest:
 def load_manifest(directory: str | Path) -> Manifest:
     """The manifest of a features directory: `manifest.json`, or the merge of all shard manifests.
 
-    Raises FileNotFoundError naming the missing shards when only some of N have finished.
+    Raises InputNotFound when the directory or its manifest is missing (naming the missing shards
+    when only some of N have finished), InvalidInput when a manifest file is not one.
     """
     directory = Path(directory)
+    if not directory.exists():
+        raise InputNotFound(f"features directory {directory} does not exist (write it with `gpurec preprocess --out {directory}`)")
+    if not directory.is_dir():
+        raise InputNotFound(f"features directory {directory} is a file, not a directory")
     single = directory / SINGLE_NAME
     if single.exists():
-        return Manifest.from_json(single.read_text())
+        return _read(single)
     found: dict[int, dict[int, Path]] = {}
     for path in directory.glob("manifest.shard-*-of-*.json"):
         if match := _SHARD_FILE.match(path.name):
             found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
     if not found:
-        raise FileNotFoundError(f"no {SINGLE_NAME} or manifest.shard-*-of-*.json in {directory}")
+        raise InputNotFound(
+            f"no {SINGLE_NAME} or manifest.shard-*-of-*.json in {directory} "
+            f"(not a features directory; write one with `gpurec preprocess --out {directory}`)"
+        )
     if len(found) > 1:
-        raise ValueError(f"{directory} mixes shard manifests of different shard counts {sorted(found)}; remove the stale ones")
+        raise InvalidInput(f"{directory} mixes shard manifests of different shard counts {sorted(found)}; remove the stale ones")
     (count, shards), = found.items()
     missing = sorted(set(range(count)) - set(shards))
     if missing:
         names = ", ".join(shard_manifest_name(i, count) for i in missing)
-        raise FileNotFoundError(f"{directory}: {len(missing)} of {count} shards have not finished (missing {names})")
-    return merge_manifests([Manifest.from_json(shards[i].read_text()) for i in range(count)])
+        raise InputNotFound(f"{directory}: {len(missing)} of {count} shards have not finished (missing {names})")
+    return merge_manifests([_read(shards[i]) for i in range(count)])
+
+
+def _read(path: Path) -> Manifest:
+    try:
+        return Manifest.from_json(path.read_text())
+    except InvalidInput as err:
+        raise InvalidInput(f"{path}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInput(f"{path}: cannot read it: {err}") from None
 
 
 __all__ = [

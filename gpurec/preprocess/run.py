@@ -23,8 +23,10 @@ from typing import Any
 
 import polars as pl
 
+from gpurec.checks import output_dir, require_dir
 from gpurec.data import logs
 from gpurec.data.schema import MS_PER_DAY, day_of, day_start_ms
+from gpurec.errors import InvalidInput
 from gpurec.preprocess.counters import CounterState
 from gpurec.preprocess.dims import Dimensions, build_dimensions
 from gpurec.preprocess.engine import EngineChoice, resolve_engine
@@ -43,7 +45,7 @@ from gpurec.preprocess.features import (
 )
 from gpurec.preprocess.manifest import MANIFEST_VERSION, FeatureInfo, Manifest, SplitInfo, shard_manifest_name
 from gpurec.preprocess.pipeline import process_day
-from gpurec.preprocess.sources import ValidatedReader
+from gpurec.preprocess.sources import INPUT_LOGS, ValidatedReader, check_inputs
 from gpurec.preprocess.splits import SINGLE, SPLITS, Shard, owner_of, split_of
 
 log = logging.getLogger("gpurec.preprocess")
@@ -193,14 +195,22 @@ def preprocess(
     `shard` (i of N) processes only block i of the impression days and writes a shard manifest;
     None processes every day and writes `manifest.json`. `now_ms` is validation's "now" (rows in
     the future are rejected); default: the wall clock at the start of the run.
+
+    Bad input raises before anything is written where it can be (InputNotFound: a missing input
+    directory or log; InvalidInput: a file missing a column, `out_dir` a file, bad fractions);
+    InvalidInput after validation when every row of a log this run read was rejected, or when
+    no feature row came out at all. No manifest is written then, so nothing downstream reads it.
     """
     started = time.perf_counter()
     input_dir, out = Path(input_dir), Path(out_dir)
     choice: EngineChoice = resolve_engine(engine)
-    log.info("preprocess: engine=%s (%s)", choice.name, choice.reason)
+    require_dir(input_dir, "input log directory")
+    output_dir(out, "output directory")
+    for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise InvalidInput(f"{name} must be in [0, 1), got {value}")
+    check_inputs(input_dir)
     days = logs.list_days(input_dir, "impressions")
-    if not days:
-        raise FileNotFoundError(f"no impression partitions under {input_dir / 'impressions'} (expected day=YYYY-MM-DD/*.parquet)")
     unit = shard or SINGLE
     block = unit.block(days)
     prior = days[: days.index(block[0])] if block else []
@@ -213,14 +223,27 @@ def preprocess(
         return owner_of(day, days, unit.count) == unit.index
 
     reader = ValidatedReader(input_dir, out, owns, now_ms if now_ms is not None else int(time.time() * 1000))
-    dims = build_dimensions(reader.read_log("users"), reader.read_log("items"))
+    users, items = reader.read_log("users"), reader.read_log("items")
+    for dimension in DIMENSION_LOGS:  # before the day loop: these fail fast
+        reader.check_not_all_rejected(dimension)
+    dims = build_dimensions(users, items)
+    log.info("preprocess: engine=%s (%s)", choice.name, choice.reason)
     splits, excluded = _process_days(reader, days, prior, block, dims, choice, out, assignment)
     if prior and block:
         log.info("preprocess: shard %s rebuilt its counters from the %d days before its block", unit.label, len(prior))
     for day in logs.list_days(input_dir, "actions"):  # actions days no impression day reads
         reader.validate_only("actions", day)
 
+    for name in INPUT_LOGS:
+        reader.check_not_all_rejected(name)
     rows_out = {name: info.rows for name, info in splits.items()}
+    if block and not any(rows_out.values()):
+        raise InvalidInput(
+            f"no feature rows came out of {reader.rows_read.get('impressions', 0):,} impressions under {input_dir}: "
+            f"{reader.rejected.get('impressions', 0):,} rejected (see {out / 'dead_letter'}), "
+            f"{excluded['no_consent']:,} excluded (user unknown or without training consent), "
+            f"{excluded['unknown_item']:,} excluded (item unknown)"
+        )
     rejected = {name: reader.rejected.get(name, 0) for name in ("impressions", "actions", *DIMENSION_LOGS)}
     counts = {
         "rows_in": reader.rows_read.get("impressions", 0),

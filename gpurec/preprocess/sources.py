@@ -24,10 +24,43 @@ import pyarrow.parquet as pq
 from gpurec.data import logs
 from gpurec.data.schema import LOGS, MS_PER_DAY, TIMESTAMP, day_start_ms
 from gpurec.data.validate import DEAD_LETTER_SCHEMA, validate, write_dead_letter
+from gpurec.errors import InputNotFound, InvalidInput
 
 # Columns the pipeline uses from each day-keyed log; everything else is dropped right after validation.
 IMPRESSION_COLUMNS = ("request_id", "ts", "user_id", "item_id", "position")
 ACTION_COLUMNS = ("request_id", "item_id", "ts", "watch_ms", "like")
+# The logs preprocessing reads (the oracle is the simulator's ground truth, read only by evaluation).
+INPUT_LOGS = ("impressions", "actions", "users", "items")
+# Without these no impression can become a feature row; no actions at all is possible (no engagement).
+REQUIRED_LOGS = ("impressions", "users", "items")
+
+
+def check_inputs(root: Path) -> None:
+    """Fail before any work when the input directory cannot give features.
+
+    Impressions, users and items must have day partitions, and every part file of every input log
+    must be readable Parquet with every column of its log's contract: validation would reject each
+    row of a file missing a column, so a run would "succeed" with nothing in it. Reads footers only.
+    """
+    for log in INPUT_LOGS:
+        files = logs.day_files(root, log)
+        if not files and log in REQUIRED_LOGS:
+            raise InputNotFound(
+                f"no {log} log under {root} (expected {root / log}/day=YYYY-MM-DD/*.parquet, as `gpurec generate` writes)"
+            )
+        required = LOGS[log].schema.names
+        for file in files:
+            try:
+                present = set(pq.read_schema(file).names)
+            except (OSError, pa.ArrowException) as err:
+                raise InvalidInput(f"{log} log: {file} is not a readable Parquet file ({err})") from None
+            missing = [name for name in required if name not in present]
+            if missing:
+                raise InvalidInput(
+                    f"{log} log: {file} has no column {missing[0]!r}"
+                    + (f" (nor {missing[1:]})" if len(missing) > 1 else "")
+                    + f"; every {log} file needs {required}"
+                )
 
 
 @dataclass
@@ -43,6 +76,7 @@ class ValidatedReader:
     now_ms: int
     rows_read: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    first_reason: dict[str, str] = field(default_factory=dict)  # per log: why its first rejected row was
     _seen: set[tuple[str, str]] = field(default_factory=set)
 
     def read_day(self, log: str, day: str, accept: tuple[list[str], str] | None = None) -> pa.Table:
@@ -70,6 +104,8 @@ class ValidatedReader:
             self._seen.update((log, day) for day in days)
             self.rows_read[log] = self.rows_read.get(log, 0) + raw.num_rows
             self.rejected[log] = self.rejected.get(log, 0) + rejected.num_rows
+            if rejected.num_rows and log not in self.first_reason:
+                self.first_reason[log] = rejected["reason"][0].as_py()
             write_dead_letter(rejected, self.out, log)
         return valid
 
@@ -90,6 +126,16 @@ class ValidatedReader:
 
     def actions(self, day: str) -> pl.DataFrame:
         return pl.from_arrow(self.read_day("actions", day).select(list(ACTION_COLUMNS)))
+
+    def check_not_all_rejected(self, log: str) -> None:
+        """InvalidInput when this process read rows of `log` and rejected every one of them: the
+        input is systematically wrong (a run made of nothing must not look like a success)."""
+        read = self.rows_read.get(log, 0)
+        if read and self.rejected.get(log, 0) == read:
+            raise InvalidInput(
+                f"every one of the {read:,} rows of the {log} log under {self.root} was rejected "
+                f"(first reason: {self.first_reason.get(log, 'unknown')}); the rows are in {self.out / 'dead_letter' / log}"
+            )
 
     def validate_only(self, log: str, day: str) -> None:
         """Validate a day nobody else reads, so its bad rows still reach the dead letter."""
@@ -134,4 +180,4 @@ def _split_outside(valid: pa.Table, log: str, days: list[str], why: str) -> tupl
     return valid.filter(pc.invert(outside)), rejected
 
 
-__all__ = ["ACTION_COLUMNS", "IMPRESSION_COLUMNS", "ValidatedReader"]
+__all__ = ["ACTION_COLUMNS", "IMPRESSION_COLUMNS", "INPUT_LOGS", "ValidatedReader", "check_inputs"]

@@ -21,8 +21,6 @@ from torch import nn
 from torchrec.fx import symbolic_trace
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gpurec.embedding.lookup import IdLookup
-from gpurec.embedding.modulo import ModuloRemap
 from gpurec.model.dlrm import MultiTaskDLRM, combine_task_scores
 from gpurec.serve.contract import PAD_ID, ServingContract
 
@@ -40,7 +38,7 @@ class ServingRanker(nn.Module):
     def __init__(
         self,
         model: MultiTaskDLRM,
-        remap: ModuloRemap | IdLookup,
+        remap: nn.Module,  # hashed ids -> rows: the trained id map's serving lookup
         single_features: list[str],
         multi_features: list[str],
         score_weights: dict[str, float],
@@ -73,7 +71,7 @@ class ServingRanker(nn.Module):
         return out
 
 
-def build_serving_ranker(model: MultiTaskDLRM, remap: ModuloRemap | IdLookup, contract: ServingContract) -> torch.jit.ScriptModule:
+def build_serving_ranker(model: MultiTaskDLRM, remap: nn.Module, contract: ServingContract) -> torch.jit.ScriptModule:
     """Script the serving module for `contract` (its feature order decides the input columns)."""
     if set(contract.sparse_features) | set(contract.multi_valued_features) != set(model.sparse_feature_names):
         raise ValueError(

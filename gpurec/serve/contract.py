@@ -8,6 +8,11 @@ come from a feature store at serving time (it does not exist yet), and the serve
 re-implement preprocessing; hashing is cheap and stable (`gpurec.data.hashing`), so the client
 does it with `hash_raw_features` below and the server only remaps ids to table rows.
 
+`hash_raw_features` is the one raw hasher of the serving side (`gpurec.client.hash_raw` calls it):
+each feature's rule comes from the contract's `raw_hashing`, which export takes from the feature
+list (`gpurec.preprocess.features.raw_hashing_rules`), and the hashing itself is
+`gpurec.data.hashing_core.hash_raw_values`, the same functions preprocessing hashes with.
+
 This module is imported by clients: it needs numpy only (never torch, never tritonclient). The
 same `ServingContract` generates the Triton `config.pbtxt` inputs/outputs and is written as
 `contract.json` next to every exported model version, so a client validates a request against
@@ -20,15 +25,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+# PAD_ID is defined with the hashing (which never yields it) and re-exported here.
+from gpurec.data.hashing_core import PAD_ID, RAW_RULES, hash_raw_values
+from gpurec.errors import InvalidInput
+
 CONTRACT_VERSION = 1
 CONTRACT_FILE = "contract.json"
-PAD_ID = -1
-"""Padding of multi-valued id rows. A real hashed id equal to -1 has probability 2^-64 per value;
-`hash_raw_features` refuses one rather than let it be dropped silently."""
 
 RANKER_MODEL = "ranker"
 RECOMMEND_MODEL = "recommend"
@@ -41,23 +47,8 @@ TOPK_IDS_OUTPUT = "item_ids"
 TOPK_SCORES_OUTPUT = "scores"
 TOPK_INDICES_OUTPUT = "indices"
 
-# How preprocessing turns each raw sparse value into an id (gpurec/preprocess/dims.py and
-# features.py): integer ids through `hash_id(value, feature)`, strings through
-# `hash_string(value, feature)`; "hour" is the UTC hour of day 0-23 hashed as an integer.
-RAW_HASHING: dict[str, Literal["int", "string"]] = {
-    "user_id": "int",
-    "item_id": "int",
-    "author_id": "int",
-    "user_region": "string",
-    "device": "string",
-    "user_language": "string",
-    "item_language": "string",
-    "hour": "int",
-    "hashtags": "string",
-}
 
-
-class ContractError(ValueError):
+class ContractError(InvalidInput):
     """A request does not match the serving contract (missing input, wrong dtype or shape)."""
 
 
@@ -84,7 +75,8 @@ class ServingContract:
     `sparse_features` are single-valued (one id per row), `multi_valued_features` padded rows of
     ids; `tasks` are the per-task probability outputs, `score_weights` how `score` combines them
     (``score = sum_t w_t * p_t``). `max_batch_size` bounds the rows of one request (= candidates
-    of one `recommend` call).
+    of one `recommend` call). `raw_hashing` maps each sparse feature to its raw hashing rule (one
+    of `RAW_RULES`), as the feature list declared it when the model was exported.
     """
 
     dense_features: tuple[str, ...]
@@ -106,6 +98,9 @@ class ServingContract:
             raise ValueError(f"task names must be distinct and not {SCORE_OUTPUT!r}, got {self.tasks}")
         if self.max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
+        unknown = {n: r for n, r in self.raw_hashing.items() if r not in RAW_RULES or n not in names[1:]}
+        if unknown:
+            raise ValueError(f"raw_hashing must map sparse inputs to one of {RAW_RULES}, got {unknown}")
 
     # ---- the tensors, used for config.pbtxt and request validation ----------------------------
 
@@ -205,45 +200,52 @@ def pad_id_lists(lists: Sequence[Sequence[int]], width: int | None = None) -> np
     return out
 
 
-def hash_raw_features(contract: ServingContract, raw: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
-    """Hash raw sparse values (ints, strings, lists of strings) into the contract's id inputs.
+def hash_raw_features(
+    contract: ServingContract, raw: Mapping[str, Sequence[Any]], *, all_features: bool = True
+) -> dict[str, np.ndarray]:
+    """Hash raw sparse values (ints, strings, hours, lists of them) into the contract's id inputs.
 
     ``raw[feature]`` holds one value per row (a list of values for a multi-valued feature); the
-    result has one int64 array per sparse input, shaped as the ranker expects. Dense features are
-    not computed here: pass them as ``dense`` [rows, D] float32 next to these ids.
+    result has one int64 array per sparse input, shaped as the ranker expects ([rows, 1], and
+    [rows, K] padded with `PAD_ID` for multi-valued ones). Each feature is hashed by the rule the
+    contract records for it, with the same functions preprocessing uses, so the ids equal those in
+    the feature files. With ``all_features=False`` only the sparse features present in `raw` are
+    hashed (a client hashes user and candidate values separately); other keys are ignored. Dense
+    features are not computed here: pass them as ``dense`` [rows, D] float32 next to these ids.
     """
-    from gpurec.data.hashing_core import hash_ids_np, hash_string  # numpy + hashlib, no Polars
-
-    how = contract.raw_hashing or RAW_HASHING
+    multi = set(contract.multi_valued_features)
     out: dict[str, np.ndarray] = {}
     for feature in (*contract.sparse_features, *contract.multi_valued_features):
         if feature not in raw:
-            raise ContractError(f"raw value missing for sparse feature {feature!r}")
-        kind = how.get(feature)
-        if kind is None:
-            raise ContractError(f"no hashing rule for feature {feature!r} (known: {sorted(how)})")
-        values = raw[feature]
-        if feature in contract.multi_valued_features:
-            lists = [[_hash_one(v, feature, kind, hash_ids_np, hash_string) for v in row] for row in values]
-            out[feature] = pad_id_lists(lists)
+            if all_features:
+                raise ContractError(f"raw value missing for sparse feature {feature!r}")
+            continue
+        rule = contract.raw_hashing.get(feature)
+        if rule is None:
+            raise ContractError(
+                f"the contract has no raw hashing rule for {feature!r} (rules: {contract.raw_hashing}); "
+                "re-export the model with this gpurec, or send hashed ids"
+            )
+        values = _rows_of(raw[feature], feature)
+        lists = [_rows_of(row, feature) for row in values] if feature in multi else [values]
+        try:  # one call per feature: multi-valued rows are hashed flat, then split back
+            ids = hash_raw_values([v for row in lists for v in row], feature, rule)
+        except InvalidInput as err:
+            raise ContractError(str(err)) from err
+        if feature in multi:
+            rows = np.split(ids, np.cumsum([len(row) for row in lists])[:-1]) if lists else []  # split([]) is one row
+            out[feature] = pad_id_lists(rows)
         else:
-            ids = [_hash_one(v, feature, kind, hash_ids_np, hash_string) for v in values]
-            out[feature] = np.asarray(ids, dtype=np.int64).reshape(-1, 1)
+            out[feature] = ids.reshape(-1, 1)
     return out
 
 
-def _hash_one(value: Any, feature: str, kind: str, hash_ids_np, hash_string) -> int:
-    if kind == "string":
-        if not isinstance(value, str):
-            raise ContractError(f"feature {feature!r} takes strings, got {value!r}")
-        hashed = hash_string(value, feature)
-    else:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ContractError(f"feature {feature!r} takes integers, got {value!r}")
-        hashed = int(hash_ids_np(np.asarray([value], dtype=np.int64), feature)[0])
-    if hashed == PAD_ID:
-        raise ContractError(f"value {value!r} of {feature!r} hashes to the padding id {PAD_ID}")
-    return hashed
+def _rows_of(values: Any, feature: str) -> list[Any]:
+    """`values` as a list of per-row values; a string or scalar where rows are expected is refused."""
+    scalar_array = isinstance(values, np.ndarray) and values.ndim == 0
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray) or scalar_array:
+        raise ContractError(f"feature {feature!r}: expected a list of values, got {values!r}")
+    return list(values)
 
 
 def rows_from_features(contract: ServingContract, frame: Any) -> dict[str, np.ndarray]:

@@ -28,17 +28,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from gpurec.embedding.lookup import IdLookup
-from gpurec.embedding.modulo import ModuloRemap
+from gpurec.errors import InvalidInput
+from gpurec.model.checkpoint import TrainedRun
 from gpurec.model.dlrm import MultiTaskDLRM
+from gpurec.model.trained import load_trained_model
 from gpurec.serve.artifact import build_serving_ranker, save_artifact, to_tensors
 from gpurec.serve.contract import (
     CONTRACT_FILE,
     DENSE_INPUT,
     PAD_ID,
     RANKER_MODEL,
-    RAW_HASHING,
     RECOMMEND_MODEL,
     SCORE_OUTPUT,
     ServingContract,
@@ -69,33 +70,34 @@ class ExportResult:
         }
 
 
-def contract_for(model: MultiTaskDLRM, state_extra: dict[str, Any], max_batch_size: int) -> ServingContract:
+def contract_for(model: MultiTaskDLRM, run: TrainedRun, max_batch_size: int) -> ServingContract:
     """The contract of a trained model: feature order from the model, dense names from its manifest."""
-    multi = {spec["name"] for spec in state_extra["sparse_specs"] if spec.get("multi_valued")}
+    from gpurec.preprocess.features import raw_hashing_rules
+
+    multi = {spec.name for spec in run.sparse_specs if spec.multi_valued}
     names = list(model.sparse_feature_names)
-    dense_names, hashing = _dense_names_and_hashing(state_extra)
-    config = state_extra["model_config"]
+    dense_names, hashing = _dense_names_and_hashing(run)
     return ServingContract(
         dense_features=tuple(dense_names),
         sparse_features=tuple(n for n in names if n not in multi),
         multi_valued_features=tuple(n for n in names if n in multi),
-        tasks=tuple(config["tasks"]),
+        tasks=tuple(run.model_config.tasks),
         score_weights={t: float(w) for t, w in model.score_weights.items()},
         max_batch_size=max_batch_size,
         hashing=hashing,
-        raw_hashing={n: RAW_HASHING[n] for n in names if n in RAW_HASHING},
+        raw_hashing=raw_hashing_rules(names),  # from the feature list, the one source of the rules
     )
 
 
-def _dense_names_and_hashing(extra: dict[str, Any]) -> tuple[list[str], str]:
+def _dense_names_and_hashing(run: TrainedRun) -> tuple[list[str], str]:
     """Dense feature names in input order, from the training data's manifest when it is still there.
 
     The checkpoint records only the dense count; without the manifest, the names of the current
     feature list are used if the count matches (else `dense_<i>`), which is only a label: the
     order the model needs is the manifest's.
     """
-    num_dense = int(extra["num_dense"])
-    manifest_path = Path(extra.get("data_dir", "")) / "manifest.json"
+    num_dense = run.num_dense
+    manifest_path = Path(run.data_dir) / "manifest.json"
     if manifest_path.is_file():
         data = json.loads(manifest_path.read_text())
         by_column = {f["column"]: f["name"] for f in data["features"] if f["kind"] == "dense"}
@@ -153,7 +155,7 @@ def sample_rows(
     return arrays
 
 
-def eager_scores(model: MultiTaskDLRM, remap: ModuloRemap | IdLookup, contract: ServingContract, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def eager_scores(model: MultiTaskDLRM, remap: nn.Module, contract: ServingContract, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The trained eager model's per-task probabilities and score for contract rows (the reference)."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -181,15 +183,15 @@ def export_repository(
     use_gpu: bool | None = None,
 ) -> ExportResult:
     """Export the checkpoint's model as the next version of `ranker` and `recommend` in `repo`."""
-    from gpurec.train.recipe import load_trained_model
-
     repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise InvalidInput(f"--repo {repo} is a file, not a model repository directory")
     model_code = {name: TRITON_MODELS / name / "model.py" for name in (RANKER_MODEL, RECOMMEND_MODEL)}
     missing = [str(p) for p in model_code.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"python-backend model code not found: {missing} (export runs from a gpurec source checkout)")
-    model, remap, state = load_trained_model(checkpoint)
-    contract = contract_for(model, state.extra, max_batch_size)
+    model, remap, run = load_trained_model(checkpoint)
+    contract = contract_for(model, run, max_batch_size)
     scripted = build_serving_ranker(model, remap, contract)
 
     repo.mkdir(parents=True, exist_ok=True)
@@ -211,10 +213,10 @@ def export_repository(
     return ExportResult(repo=repo, version=version, contract=contract, max_abs_diff=max_diff)
 
 
-def _check_artifact(path: Path, model: MultiTaskDLRM, remap: ModuloRemap | IdLookup, contract: ServingContract) -> float:
+def _check_artifact(path: Path, model: MultiTaskDLRM, remap: nn.Module, contract: ServingContract) -> float:
     """Load the saved artifact back and compare it with the eager model; refuse a mismatch."""
     loaded = torch.jit.load(str(path))
-    known = {name: remap.stored_ids(name).numpy() for name in remap.features} if isinstance(remap, IdLookup) else None
+    known = {name: remap.stored_ids(name).numpy() for name in remap.features}  # hashed: none
     arrays = sample_rows(contract, known_ids=known)
     expected = eager_scores(model, remap, contract, arrays)
     with torch.no_grad():

@@ -12,21 +12,39 @@ import signal
 import sys
 from pathlib import Path
 
+from gpurec.checks import port, positive_float, require_dir
+from gpurec.errors import InputNotFound, InvalidInput
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", required=True, type=Path, help="model repository written by `gpurec export`")
-    parser.add_argument("--http-port", type=int, default=None, help="HTTP port (default: a free one)")
-    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: a free one)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default: a free one)")
+    parser.add_argument("--http-port", type=port, default=None, help="HTTP port (default: a free one)")
+    parser.add_argument("--grpc-port", type=port, default=None, help="gRPC port (default: a free one)")
+    parser.add_argument("--metrics-port", type=port, default=None, help="Prometheus metrics port (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind all endpoints to (default: loopback only)")
     parser.add_argument("--log", type=Path, default=None, help="server log file (default: a temporary file, printed)")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
+    parser.add_argument("--timeout", type=positive_float, default=180.0, help="seconds to wait for the server to be ready")
     parser.add_argument("--verbose", action="store_true", help="verbose server log")
     parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON object once ready")
 
 
+def require_model_repository(repo: Path) -> Path:
+    """`repo` if it is a directory holding at least one model (`<model>/config.pbtxt`)."""
+    require_dir(repo, "--repo")
+    if not any(model.is_dir() and (model / "config.pbtxt").is_file() for model in repo.iterdir()):
+        raise InputNotFound(f"--repo {repo} holds no model (no <model>/config.pbtxt); write one with `gpurec export --repo {repo}`")
+    return repo
+
+
 def run(args: argparse.Namespace) -> int:
     from gpurec.serve.server import TritonServer, TritonServerError
+
+    require_model_repository(args.repo)
+    ports = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p is not None]
+    if len(set(ports)) < len(ports):
+        raise InvalidInput(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    if args.log is not None and args.log.is_dir():
+        raise InvalidInput(f"--log {args.log} is a directory; give a file name")
 
     server = TritonServer(
         args.repo,

@@ -4,14 +4,19 @@ the model (`gpurec/model/configs/default.toml`)."""
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from gpurec.errors import InvalidInput
 from gpurec.model.config import ModelConfig, dataclass_from_mapping, load_model_config
 from gpurec.model.sharded import SHARDING_TYPES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "default.toml"
+
+
+# Field annotation -> accepted Python type (an int is a valid float, as in TOML's `lr = 1`).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,20 @@ class TrainConfig:
     shuffle_days: bool = False  # False: days in event-time order (rows are shuffled within a day)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a TOML value of the wrong type (epochs = "two") is named, not a TypeError
+            value, kind = getattr(self, f.name), _FIELD_TYPES[f.type]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                raise InvalidInput(f"train config {f.name} must be {kind.__name__}, got {value!r}")
         if self.sharding != "auto" and self.sharding not in SHARDING_TYPES:
-            raise ValueError(f"sharding must be 'auto' or one of {SHARDING_TYPES}, got {self.sharding!r}")
+            raise InvalidInput(f"sharding must be 'auto' or one of {SHARDING_TYPES}, got {self.sharding!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InvalidInput(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size", "rows_per_id", "min_rows", "log_every", "prefetch"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"train config {name} must be positive, got {getattr(self, name)}")
+                raise InvalidInput(f"train config {name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "seed"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"train config {name} must not be negative, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -46,11 +60,13 @@ class TrainConfig:
 def load_configs(path: str | Path | None = None, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
     """The `[model]` and `[train]` tables of a TOML file (the default one if None), then overrides."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    model = load_model_config(path)
+    model = load_model_config(path)  # also checks that the file exists and parses
     with path.open("rb") as f:
         train_values = tomllib.load(f).get("train", {})
+    if not isinstance(train_values, dict):
+        raise InvalidInput(f"{path}: [train] must be a table")
     train_values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return model, TrainConfig.from_dict(train_values)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise InvalidInput(f"{path}: {err}") from err

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpurec.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -39,7 +41,7 @@ def pick_device(local_rank: int, requested: str = "auto") -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda asked for, but torch sees no CUDA device (is this the CPU build?)")
+            raise InvalidInput("--device cuda asked for, but torch sees no CUDA device (is this the CPU build?)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(requested)
@@ -67,17 +69,3 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
-
-
-def quiet_library_warnings() -> None:
-    """Silence the torch/torchrec/fbgemm stack's warnings about its own internals (deprecations,
-    planner heuristics), which would otherwise bury the command's output. Errors still show."""
-    import logging
-    import warnings
-
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    warnings.filterwarnings("ignore", message=".*TorchScript.*", category=UserWarning)
-    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)

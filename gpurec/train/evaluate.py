@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from gpurec.data import logs
-from gpurec.embedding.lookup import IdLookup
-from gpurec.embedding.modulo import ModuloRemap
+from gpurec.errors import InputNotFound, InvalidInput
+from gpurec.model.checkpoint import find_checkpoint
 from gpurec.model.dlrm import MultiTaskDLRM
+from gpurec.model.trained import load_trained_model
 from gpurec.preprocess.manifest import Manifest, load_manifest
 from gpurec.train.baselines import (
     LOGREG_MAX_ROWS,
@@ -28,10 +30,8 @@ from gpurec.train.baselines import (
     sample_train,
     scan_split,
 )
-from gpurec.train.checkpoint import latest_checkpoint
 from gpurec.train.data import LoaderConfig, ParquetBatches
 from gpurec.train.metrics import binary_metrics
-from gpurec.train.recipe import load_trained_model
 
 METRICS: tuple[str, ...] = ("auc", "ne", "calibration", "logloss")
 
@@ -49,7 +49,7 @@ def task_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float
 
 def model_scores(
     model: MultiTaskDLRM,
-    remap: ModuloRemap | IdLookup,
+    remap: nn.Module,
     manifest: Manifest,
     files: list[Path],
     batch_size: int = 8192,
@@ -79,10 +79,10 @@ def _check_compatible(path: Path, num_dense: int, model: MultiTaskDLRM, manifest
     or worse, silently score columns in the wrong places."""
     missing = [t for t in model.heads if t not in manifest.label_names]
     if missing:
-        raise ValueError(f"model tasks {missing} have no label column in the features (labels: {manifest.label_names})")
+        raise InvalidInput(f"model tasks {missing} have no label column in the features (labels: {manifest.label_names})")
     sparse = [f.name for f in manifest.sparse_features]
     if num_dense != len(manifest.dense_features) or model.sparse_feature_names != sparse:
-        raise ValueError(
+        raise InvalidInput(
             f"{path} was trained on other features ({num_dense} dense, sparse {model.sparse_feature_names}) "
             f"than the data holds ({len(manifest.dense_features)} dense, sparse {sparse})"
         )
@@ -106,17 +106,15 @@ def evaluate(
     explicit oracle log, ValueError for a missing or empty split or a checkpoint trained on other
     features or labels.
     """
-    path = latest_checkpoint(checkpoint)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint} (expected checkpoints/latest or trainer.json)")
+    path = find_checkpoint(checkpoint)
     manifest = load_manifest(data_dir)
     raw = oracle_log_dir(manifest) if oracle_dir is None else Path(oracle_dir)
     if oracle_dir is not None and not logs.list_days(raw, "oracle"):
-        raise FileNotFoundError(f"no oracle log under {raw} (expected {raw / 'oracle'}/day=YYYY-MM-DD/*.parquet)")
+        raise InputNotFound(f"no oracle log under {raw} (expected {raw / 'oracle'}/day=YYYY-MM-DD/*.parquet)")
     rows = read_split(manifest, data_dir, split)
-    model, remap, state = load_trained_model(path)
+    model, remap, run = load_trained_model(path)
     tasks = list(model.heads)
-    _check_compatible(path, state.extra["num_dense"], model, manifest)
+    _check_compatible(path, run.num_dense, model, manifest)
 
     labels = {t: rows[t].to_numpy().astype(np.float64) for t in tasks}
     predictions = model_scores(model, remap, manifest, manifest.split_files(split, data_dir), batch_size)
@@ -127,7 +125,7 @@ def evaluate(
         try:
             return {t: task_metrics(labels[t], p) for t, p in scores.items()}
         except ValueError as err:  # e.g. a split with a single class has no AUC
-            raise ValueError(f"{data_dir} split {split!r}: {err}") from err
+            raise InvalidInput(f"{data_dir} split {split!r}: {err}") from err
 
     train = scan_split(manifest, data_dir, "train")
     baselines = {

@@ -15,28 +15,30 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from gpurec.embedding.collisionless import CollisionlessIds
 from gpurec.embedding.config import aligned_rows
-from gpurec.embedding.lookup import IdLookup
-from gpurec.embedding.modulo import ModuloRemap
+from gpurec.embedding.idmap import id_map_for
 from gpurec.embedding.rows import RowReinitializer
-from gpurec.model.config import ModelConfig, SparseFeatureSpec
-from gpurec.model.dlrm import MultiTaskDLRM, build_model, task_losses
-from gpurec.model.sharded import combined_optimizer, shard_model
-from gpurec.preprocess.manifest import Manifest, load_manifest
-from gpurec.train.checkpoint import (
+from gpurec.embedding.tables import SparseFeatureSpec
+from gpurec.errors import InvalidInput
+from gpurec.model.checkpoint import (
+    TrainedRun,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
     save_checkpoint,
 )
+from gpurec.model.config import ModelConfig
+from gpurec.model.dlrm import task_losses
+from gpurec.model.sharded import combined_optimizer, shard_model
+from gpurec.model.trained import build_ranker
+from gpurec.preprocess.manifest import Manifest, load_manifest
 from gpurec.train.config import TrainConfig
 from gpurec.train.data import LoaderConfig, ParquetBatches
 from gpurec.train.distributed import DistContext, all_reduce_mean, init_distributed
@@ -63,40 +65,11 @@ def sparse_specs(manifest: Manifest, model_config: ModelConfig, train_config: Tr
     return config.sparse_specs([f.name for f in manifest.sparse_features], multi_valued=multi)
 
 
-def build_ranker(
-    model_config: ModelConfig,
-    specs: list[SparseFeatureSpec],
-    dense_stats: tuple[list[float], list[float]],
-    seed: int,
-    device: str = "cpu",
-) -> MultiTaskDLRM:
-    """The unsharded model with seeded initial weights (the same on every rank and world size)."""
-    torch.manual_seed(seed)
-    mean, std = dense_stats
-    return build_model(model_config, specs, len(mean), device=device, dense_mean=mean, dense_std=std)
-
-
-def id_map_for(
-    model_config: ModelConfig, specs: list[SparseFeatureSpec], rank: int, world_size: int, device: torch.device
-) -> CollisionlessIds | None:
-    """This rank's partition of the collisionless id maps, or None for plain hashing (`ModuloRemap`)."""
-    if model_config.ids.kind != "collisionless":
-        return None
-    backend = "triton" if device.type == "cuda" and _has_triton() else "torch"
-    return CollisionlessIds(specs, model_config.ids, rank=rank, world_size=world_size, device=device, backend=backend)
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 def labels_by_task(labels: torch.Tensor, names: list[str], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
     column = {name: i for i, name in enumerate(names)}
     missing = [t for t in tasks if t not in column]
     if missing:
-        raise ValueError(f"model tasks {missing} have no label column in the manifest (labels: {names})")
+        raise InvalidInput(f"model tasks {missing} have no label column in the manifest (labels: {names})")
     return {task: labels[:, column[task]] for task in tasks}
 
 
@@ -110,7 +83,10 @@ def train(
     """Train (or resume) and return a summary: steps, samples, final loss, samples/s, wait time."""
     ctx: DistContext = init_distributed(train_config.device)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInput(f"--out {out_dir} is a file, not a directory")
     manifest = load_manifest(data_dir)
+    manifest.require_rows("train", data_dir)
     specs = sparse_specs(manifest, model_config, train_config)
     dense_stats = manifest.dense_normalization("train")
     num_dense = len(dense_stats[0])
@@ -124,38 +100,28 @@ def train(
     sharded.load_state_dict(initial)
     del initial
     optimizer = combined_optimizer(sharded, lambda params: torch.optim.Adagrad(params, lr=train_config.dense_lr))
-    # Ids -> rows: collisionless tables (this rank's partition of each id map) or plain hashing.
-    ids = id_map_for(model_config, specs, ctx.rank, ctx.world_size, ctx.device)
-    remap = ModuloRemap({s.name: s.num_embeddings for s in specs}) if ids is None else None
-
-    state = TrainerState(
-        extra={
-            "model_config": asdict(model_config),
-            "train_config": asdict(train_config),
-            "sparse_specs": [asdict(s) for s in specs],
-            "num_dense": num_dense,
-            "labels": manifest.label_names,
-            "data_dir": str(Path(data_dir).resolve()),
-            "world_size": ctx.world_size,
-        }
+    # Ids -> rows: this rank's partition of the id maps ([model.ids] kind: collisionless or hashed).
+    ids = id_map_for(model_config.ids, specs, ctx.rank, ctx.world_size, ctx.device)
+    run = TrainedRun(
+        model_config=model_config,
+        sparse_specs=tuple(specs),
+        num_dense=num_dense,
+        labels=tuple(manifest.label_names),
+        data_dir=str(Path(data_dir).resolve()),
+        world_size=ctx.world_size,
+        train_config=asdict(train_config),
     )
+    state = TrainerState(run=run)
     resume_from = latest_checkpoint(out_dir)
     if resume_from is not None:
-        extra = state.extra
-        written_by = read_trainer_state(resume_from).extra.get("world_size", ctx.world_size)
-        if ids is not None and written_by != ctx.world_size:
-            raise ValueError(
-                f"{resume_from} holds collisionless id maps partitioned over {written_by} ranks; resume it with "
-                f"{written_by} ranks (repartitioning id maps to {ctx.world_size} ranks is not supported yet)"
-            )
+        written = read_trainer_state(resume_from).run
+        ids.check_resume(written.world_size if written is not None else ctx.world_size)
         state = load_checkpoint(resume_from, sharded, optimizer, ids=ids)
-        state.extra = {**extra, "resumed_from": str(resume_from)}
-    reinit = RowReinitializer(sharded, optimizer, specs) if ids is not None else None
+        state.run = replace(run, resumed_from=str(resume_from))
+    reinit = RowReinitializer(sharded, optimizer, specs)
 
     def rows_of(batch) -> KeyedJaggedTensor:
-        """The batch's ids as table rows; new ids' rows start from their initial value."""
-        if ids is None:
-            return remap(batch.sparse_features)
+        """The batch's ids as table rows; rows handed to new ids start from their initial value."""
         rows, admitted = ids.assign(batch.sparse_features, batch.event_time_ms)
         reinit.apply(admitted)
         return rows
@@ -222,7 +188,7 @@ def train(
         "world_size": ctx.world_size,
         "device": str(ctx.device),
         "checkpoint": str(checkpoint),
-        "id_tables": ids.stats() if ids is not None else "hashed",
+        "id_tables": ids.stats() or model_config.ids.kind,  # a hashed map has no stats: its kind
     }
     log.close()
     if ctx.is_main:
@@ -236,30 +202,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     # In a log file (CI, nohup) redraw rarely instead of ten times a second.
     interval = 0.1 if sys.stderr.isatty() else 15.0
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, mininterval=interval)
-
-
-def load_trained_model(checkpoint: str | Path) -> tuple[MultiTaskDLRM, ModuloRemap | IdLookup, TrainerState]:
-    """An unsharded CPU copy of a trained model and its id -> row map, for evaluation and export
-    (no process group needed). Collisionless tables come back as a read-only `IdLookup` over
-    every rank's partition.
-
-    `checkpoint` is a checkpoint directory or a training run directory (its latest checkpoint).
-    """
-    path = latest_checkpoint(checkpoint)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint} (expected checkpoints/latest or trainer.json)")
-    state = read_trainer_state(path)
-    extra = state.extra
-    model_config = ModelConfig(**extra["model_config"])
-    specs = [SparseFeatureSpec(**spec) for spec in extra["sparse_specs"]]
-    num_dense = extra["num_dense"]
-    # Normalisation buffers start neutral and are overwritten by the checkpoint's values.
-    model = build_ranker(model_config, specs, ([0.0] * num_dense, [1.0] * num_dense), seed=0)
-    if model_config.ids.kind != "collisionless":
-        load_checkpoint(path, model)
-        return model.eval(), ModuloRemap({s.name: s.num_embeddings for s in specs}), state
-    partitions = int(extra["world_size"])
-    id_maps = [CollisionlessIds(specs, model_config.ids, rank=p, world_size=partitions) for p in range(partitions)]
-    load_checkpoint(path, model, ids=id_maps)
-    lookup = IdLookup.from_partitions([m.partition for m in id_maps])
-    return model.eval(), lookup, state
