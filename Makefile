@@ -51,6 +51,10 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/hashtable.py
+	$(BIN)/python bench/event_log.py
+	$(BIN)/python bench/feature_store.py
+	$(BIN)/python bench/joiner.py
+	$(BIN)/python bench/join_on_log.py
 
 # Proves every GPU path on a GPU node (kernels vs reference at scale, insert under contention,
 # compute-sanitizer, benchmarks, ncu) with the machine's own python3: CUDA torch + Triton, no venv.

@@ -250,29 +250,12 @@ def copy_bandwidth(device) -> float:
     """Device-to-device copy of 1 GiB (read + write counted): what streaming code reaches."""
     import torch
 
+    from kernels.bench_cuckoo import timed
+
     src = torch.empty(1 << 28, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = [timed(lambda: dst.copy_(src), device) for _ in range(8)][2:]
     return 2 * src.numel() * 4 / (statistics.median(ms) / 1e3)
-
-
-def timed(fn: Callable[[], object], device, before: Callable[[], object] | None = None) -> float:
-    """Milliseconds of ``fn()``: CUDA events on a GPU, the wall clock under the interpreter."""
-    import torch
-
-    if before is not None:
-        before()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 # --- benchmark ----------------------------------------------------------------------------------
@@ -282,6 +265,8 @@ def bench(device, sizes: BenchSizes, peak: float | None) -> dict:
     """Throughput of each kernel at HierarchicalKV's setting per load factor, and the bytes/s it
     moves against the memory's peak (``peak``: bytes/s, None when unknown)."""
     from cuckoo_hkv import bench_load
+
+    from kernels.bench_cuckoo import timed
 
     results = {}
     for load in sizes.loads:
@@ -322,6 +307,8 @@ def sanitize_target(device) -> int:
 def profile_target(device) -> int:
     """The benchmark's launches once at a profiling size (ncu replays each kernel many times)."""
     from cuckoo_hkv import bench_load
+
+    from kernels.bench_cuckoo import timed
 
     figures = bench_load(device, PROFILE_BENCH, PROFILE_BENCH.loads[0], timed, profile=True)
     return 0 if figures["checked"] else 1

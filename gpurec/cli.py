@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gpurec.serve.export_command", "write a trained checkpoint as a versioned Triton model repository"),
     "serve": ("gpurec.serve.serve_command", "run Triton Inference Server on a model repository (loopback, Ctrl-C stops)"),
     "recommend": ("gpurec.client.recommend_command", "ask Triton for users' top-k items through the client (starts a server if no --url)"),
+    "join": ("gpurec.stream.join_command", "join served rows with actions into labelled examples, exactly once (long-running)"),
     "experiment": ("gpurec.experiments.command", "reproducible studies, e.g. collisionless vs hashed embedding tables at equal memory"),
 }
 

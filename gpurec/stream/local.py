@@ -266,18 +266,18 @@ class LocalEventLog(EventLog):
             for (topic, partition), changes in (state_changes or {}).items():
                 t = self._topic(topic)
                 check_partition(topic, partition, t.partitions)
+                deletes, upserts = [], []
                 for key, value in changes.items():
                     check_state_entry(key, value)
                     if value is None:
-                        db.execute(
-                            "DELETE FROM state WHERE grp = ? AND topic_id = ? AND partition = ? AND key = ?",
-                            (group, t.id, partition, key),
-                        )
+                        deletes.append((group, t.id, partition, key))
                     else:
-                        db.execute(
-                            "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?)",
-                            (group, t.id, partition, key, value),
-                        )
+                        upserts.append((group, t.id, partition, key, value))
+                # One statement per kind, not per entry: a joiner step changes thousands of entries.
+                db.executemany(
+                    "DELETE FROM state WHERE grp = ? AND topic_id = ? AND partition = ? AND key = ?", deletes
+                )
+                db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?, ?)", upserts)
             for (topic, partition), next_offset in (offsets or {}).items():
                 t = self._topic(topic)
                 check_partition(topic, partition, t.partitions)
