@@ -228,3 +228,43 @@ def test_undecodable_records_become_dead_letters_and_bad_setups_are_refused(tmp_
         log.create_topic(ACTIONS, 3)
         with pytest.raises(InvalidInput, match="partitioned alike"):
             ensure_topics(log, 2)
+
+
+def test_the_joiner_keeps_the_online_counters_current_and_a_replay_changes_nothing(tmp_path):
+    from gpurec.features.store import open_feature_store
+
+    rows, actions = make_stream(100, seed=6)
+    url = f"sqlite:///{tmp_path}/log.db"
+    fill_log(url, rows, actions)
+    store = open_feature_store(f"sqlite:///{tmp_path}/features.db")
+    users = sorted({r.user_id for r in rows})
+    items = sorted({r.item_id for r in rows})
+    store.put_users({
+        "user_id": users, "region": ["eu"] * len(users), "device": ["ios"] * len(users),
+        "language": ["en"] * len(users), "signup_ts": [BASE_MS - 1] * len(users),
+        "consent_personalisation": [True] * len(users), "consent_training": [u % 10 != 0 for u in users],
+    })  # fmt: skip
+    store.put_items({
+        "item_id": items, "author_id": [1] * len(items), "duration_ms": [20_000] * len(items),
+        "upload_ts": [BASE_MS - 1] * len(items), "hashtags": [["a"]] * len(items), "language": ["en"] * len(items),
+        "region": ["eu"] * len(items),
+    })  # fmt: skip
+    with open_event_log(url) as log:
+        run_join(log, SETTINGS, drain=True, store=store)
+        after_once = store.stats()
+        # The same records delivered again (another group starts from the beginning): nothing changes.
+        run_join(log, dataclasses.replace(SETTINGS, group="replay"), drain=True, store=store)
+    consenting = {(r.request_id, r.item_id) for r in rows if r.consent_training}
+    assert after_once["impressions"] == len(consenting)
+    assert store.stats() == after_once
+    # The dense features the feed reads now count those impressions: user_impressions = log1p(n).
+    import math
+
+    from gpurec.preprocess.features import DENSE_FEATURES
+
+    user = next(r.user_id for r in rows if r.consent_training)
+    seen = len({(r.request_id, r.item_id) for r in rows if r.user_id == user})
+    features = store.read(user, [rows[0].item_id], BASE_MS + 10**9)
+    column = [f.name for f in DENSE_FEATURES].index("user_impressions")
+    assert features.user_known and features.dense[0, column] == pytest.approx(math.log1p(seen), rel=1e-6)
+    store.close()

@@ -13,6 +13,10 @@ outputs of an uncommitted step never became visible, and the replayed step recom
 same committed state. The watermark tracker's per-input maximum event times are part of the
 committed state too, so a restarted joiner closes windows exactly as an uninterrupted one.
 
+With a feature store, each step also counts its served rows and actions there (the online counters
+the feed reads) before it commits: the store ignores redelivered impressions and actions, so the
+replay of a step that crashed after its store write and before its commit changes nothing.
+
 Time: the watermark comes from event time (max per input minus `out_of_order_ms`); an input idle
 for `idle_ms` is advanced by processing time times `time_scale` (the simulated world runs event time
 faster than wall time), so idle partitions still flush. `drain` processes to the end of the inputs,
@@ -29,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gpurec.errors import InvalidInput
+from gpurec.features.store import OnlineFeatureStore
 from gpurec.stream.joiner import Joiner, JoinerConfig, LatePolicy, Output
 from gpurec.stream.log import EventLog, Record, StoredRecord
 from gpurec.stream.records import (
@@ -96,8 +101,19 @@ class JoinReport:
 class _PartitionJoin:
     """One partition: its joiner, input positions and watermark tracker."""
 
-    def __init__(self, log: EventLog, settings: JoinSettings, partition: int, topics: list[str], now: int) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        settings: JoinSettings,
+        partition: int,
+        topics: list[str],
+        now: int,
+        store: OnlineFeatureStore | None = None,
+    ) -> None:
         self.log, self.settings, self.partition, self.topics = log, settings, partition, topics
+        self.store = store
+        self._served: list[ServedRow] = []  # this step's decoded records, for the feature store
+        self._actions: list[Action] = []
         state = log.load_state(settings.group, SERVED, partition)
         runner_state = {k: v for k, v in state.items() if k.startswith(_MAX_EVENT_PREFIX)}
         joiner_state = {k: v for k, v in state.items() if not k.startswith(_MAX_EVENT_PREFIX)}
@@ -141,6 +157,7 @@ class _PartitionJoin:
             watermark = INT64_MAX  # the inputs are over: close every window
         if watermark is not None:
             outputs.extend(self.joiner.on_watermark(watermark))
+        self._update_store()
         self._commit(outputs, changed=bool(events) or bool(outputs))
         return read, outputs, drain and exhausted
 
@@ -151,10 +168,38 @@ class _PartitionJoin:
             source = {SERVED: "served", ACTIONS: "action", CONSENT: "consent"}[topic]
             return [DeadLetter(source=source, reason="undecodable", record=bytes(record.value), detail=str(error))]
         if topic == SERVED:
+            self._served.append(value)
             return self.joiner.on_served(value)
         if topic == ACTIONS:
+            self._actions.append(value)
             return self.joiner.on_action(value)
         return self.joiner.on_consent(value.user_id, value.training, value.ts_ms)
+
+    def _update_store(self) -> None:
+        """Count this step's impressions and actions in the online feature store (idempotent)."""
+        served, actions = self._served, self._actions
+        self._served, self._actions = [], []
+        if self.store is None:
+            return
+        if served:
+            self.store.record_impressions(
+                {
+                    "request_id": [r.request_id for r in served],
+                    "item_id": [r.item_id for r in served],
+                    "user_id": [r.user_id for r in served],
+                    "ts_ms": [r.ts_ms for r in served],
+                }
+            )
+        if actions:
+            self.store.record_actions(
+                {
+                    "request_id": [a.request_id for a in actions],
+                    "item_id": [a.item_id for a in actions],
+                    "ts_ms": [a.ts_ms for a in actions],
+                    "watch_ms": [a.watch_ms for a in actions],
+                    "like": [a.like for a in actions],
+                }
+            )
 
     def _caught_up(self) -> bool:
         ends = {t: self.log.end_offsets(t)[self.partition] for t in self.topics}
@@ -252,8 +297,10 @@ def run_join(
     stop: threading.Event | None = None,
     on_step: Callable[[JoinReport], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    store: OnlineFeatureStore | None = None,
 ) -> JoinReport:
-    """Join `served` with `actions` on the given partitions (default: all) until stopped or drained."""
+    """Join `served` with `actions` on the given partitions (default: all) until stopped or drained;
+    with `store`, keep its online counters current from the same records."""
     count = log.partitions(SERVED)
     chosen = list(range(count)) if partitions is None else list(partitions)
     bad = [p for p in chosen if not 0 <= p < count]
@@ -265,7 +312,7 @@ def run_join(
     def now_ms() -> int:  # processing time in event-time units
         return int((clock() - started) * 1000 * settings.time_scale)
 
-    joins = [_PartitionJoin(log, settings, p, topics, now_ms()) for p in chosen]
+    joins = [_PartitionJoin(log, settings, p, topics, now_ms(), store) for p in chosen]
     report = JoinReport()
     done: set[int] = set()
     while not (stop is not None and stop.is_set()) and len(done) < len(joins):

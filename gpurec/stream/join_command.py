@@ -43,11 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-scale", type=positive_float, default=1.0, help="event-time seconds per wall-clock second (simulation speed-up)")
     parser.add_argument("--batch", type=positive_int, default=2000, help="records read per input partition per step")
     parser.add_argument("--create-partitions", type=non_negative_int, default=0, help="create missing topics with this many partitions (0: they must exist)")
+    parser.add_argument("--feature-store", default=None, help="also keep this online feature store's counters current (sqlite:///path or redis://...)")
     parser.add_argument("--drain", action="store_true", help="process to the end of the log, close every window, stop")
     parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpurec.features.store import open_feature_store
     from gpurec.stream.join import SERVED, JoinSettings, ensure_topics, run_join
     from gpurec.stream.log import open_event_log
 
@@ -72,8 +74,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             ensure_topics(log, log.partitions(SERVED))
         progress = _Progress(enabled=not args.json)
-        report = run_join(log, settings, args.partitions, drain=args.drain, stop=stop, on_step=progress.update)
-        progress.close()
+        store = open_feature_store(args.feature_store) if args.feature_store else None
+        try:
+            report = run_join(
+                log, settings, args.partitions, drain=args.drain, stop=stop, on_step=progress.update, store=store
+            )
+        finally:
+            progress.close()
+            if store is not None:
+                store.close()
     if args.json:
         print(json.dumps(report.to_json()))
     else:
