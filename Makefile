@@ -27,10 +27,13 @@ demo: setup
 	$(BIN)/gpurec preprocess --input $(DEMO)/raw --out $(DEMO)/features
 	$(BIN)/gpurec train --data $(DEMO)/features --out $(DEMO)/train
 	$(BIN)/gpurec evaluate --checkpoint $(DEMO)/train --data $(DEMO)/features
-	$(BIN)/gpurec export --checkpoint $(DEMO)/train --repo $(DEMO)/repo
+	$(BIN)/gpurec export --checkpoint $(DEMO)/train --repo $(DEMO)/repo \
+		--feature-store sqlite:///$(DEMO)/live/features.db --event-log sqlite:///$(DEMO)/live/log.db
 	@# Starts Triton on the repository, asks for 3 users' top 5 of 50 candidates, always stops it.
 	$(BIN)/gpurec recommend --repo $(DEMO)/repo --features $(DEMO)/features --users 3 --candidates 50 --k 5
-	@echo "demo: raw logs, features + manifest, checkpoints + metrics, Triton model repository under $(DEMO)/"
+	@# The live path for a minute: Triton with the feed, the joiner, simulated users; all stopped at the end.
+	$(BIN)/gpurec demo --out $(DEMO) --live-seconds 60
+	@echo "demo: raw logs, features + manifest, checkpoints + metrics, Triton model repository, live event log + feature store under $(DEMO)/"
 
 # The same pipeline on MovieLens-100K (the copy inside the recbole wheel; never committed).
 demo-movielens: setup

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gpurec.serve.serve_command", "run Triton Inference Server on a model repository (loopback, Ctrl-C stops)"),
     "recommend": ("gpurec.client.recommend_command", "ask Triton for users' top-k items through the client (starts a server if no --url)"),
     "join": ("gpurec.stream.join_command", "join served rows with actions into labelled examples, exactly once (long-running)"),
+    "simulate": ("gpurec.client.simulate_command", "drive the feed with the synthetic world's users live: requests, actions, uploads on the log"),
+    "demo": ("gpurec.demo", "the whole pipeline on the embedded default: batch stages, then the live feed, joiner and simulated users"),
     "experiment": ("gpurec.experiments.command", "reproducible studies, e.g. collisionless vs hashed embedding tables at equal memory"),
 }
 

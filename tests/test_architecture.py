@@ -15,7 +15,7 @@ STAGES = ("data", "preprocess", "features", "embedding", "model", "train", "stre
 # Shared by every stage (imported from anywhere, import no stage themselves).
 BASE = ("errors", "checks")
 # Top-level drivers that may import any stage and are imported by none.
-DRIVERS = ("cli", "experiments")
+DRIVERS = ("cli", "experiments", "demo")
 
 
 def _imports(path: Path) -> set[str]:

@@ -4,10 +4,11 @@
     with RankerClient("127.0.0.1:8000", contract="runs/demo/repo", protocol="http") as client:
         result = client.rank(user, candidates)          # .tasks["like"], .tasks["finish"], .score
         top = client.recommend(user, 5, candidates)     # .item_ids, .scores, .indices
+        feed = client.feed(user_id, 6)                  # the live feed: .item_ids, .scores, .request_id
 
 - `RankerClient` (blocking) and `AsyncRankerClient` (asyncio), HTTP or gRPC, with timeouts and
   retries with exponential backoff for an unreachable server;
-- `rank_many` / `recommend_many`: many users per call, sent concurrently;
+- `rank_many` / `recommend_many` / `feed_many`: many users per call, sent concurrently;
 - requests are checked against the serving contract before they are sent; every failure is one
   of the typed errors in `gpurec.client.errors`.
 
@@ -18,6 +19,8 @@ tritonclient's HTTP or gRPC module is imported when a client of that protocol is
 from gpurec.client.aio import AsyncRankerClient
 from gpurec.client.errors import ClientError, InvalidRequest, ServerError, ServerUnavailable, UnknownModel
 from gpurec.client.features import (
+    FeedRequest,
+    FeedResult,
     RankRequest,
     RankResult,
     Recommendation,
@@ -31,6 +34,8 @@ from gpurec.client.sync import RankerClient
 __all__ = [
     "AsyncRankerClient",
     "ClientError",
+    "FeedRequest",
+    "FeedResult",
     "InvalidRequest",
     "RankRequest",
     "RankResult",

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gpurec.client.errors import ClientError, InvalidRequest, ServerError, ServerUnavailable, UnknownModel
-from gpurec.client.features import RankResult, Recommendation
+from gpurec.client.features import FeedResult, RankResult, Recommendation
 from gpurec.serve.contract import (
     CANDIDATE_IDS_INPUT,
     K_INPUT,
@@ -29,6 +29,7 @@ from gpurec.serve.contract import (
     TOPK_SCORES_OUTPUT,
     ServingContract,
 )
+from gpurec.serve.feed_contract import ITEM_IDS_OUTPUT, MODEL_VERSION_OUTPUT, REQUEST_ID_OUTPUT, SCORES_OUTPUT
 
 Protocol = Literal["http", "grpc"]
 _TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}
@@ -102,6 +103,24 @@ def recommend_outputs(module: ModuleType) -> list:
     return [module.InferRequestedOutput(n) for n in (TOPK_IDS_OUTPUT, TOPK_SCORES_OUTPUT, TOPK_INDICES_OUTPUT)]
 
 
+def feed_outputs(module: ModuleType) -> list:
+    return [module.InferRequestedOutput(n) for n in (ITEM_IDS_OUTPUT, SCORES_OUTPUT, REQUEST_ID_OUTPUT, MODEL_VERSION_OUTPUT)]
+
+
+def parse_feed(result: Any) -> FeedResult:
+    item_ids = _output(result, ITEM_IDS_OUTPUT).reshape(-1)
+    scores = _output(result, SCORES_OUTPUT).reshape(-1)
+    if item_ids.shape != scores.shape:
+        raise ServerError(f"the feed returned {item_ids.shape[0]} item ids with {scores.shape[0]} scores")
+    version = _output(result, MODEL_VERSION_OUTPUT).reshape(-1)[0]
+    return FeedResult(
+        request_id=int(_output(result, REQUEST_ID_OUTPUT).reshape(-1)[0]),
+        item_ids=item_ids.astype(np.int64),
+        scores=scores.astype(np.float32),
+        model_version=version.decode() if isinstance(version, bytes) else str(version),
+    )
+
+
 def parse_rank(result: Any, contract: ServingContract, rows: int) -> RankResult:
     out = {name: _output(result, name).reshape(-1) for name in (*contract.tasks, SCORE_OUTPUT)}
     if any(v.shape[0] != rows for v in out.values()):
@@ -141,7 +160,9 @@ def translate(err: BaseException, model: str, url: str, protocol: str) -> Client
         return ServerUnavailable(f"Triton server at {where} is unreachable: {text}")
     if (any(s in lowered for s in _UNKNOWN_MODEL) and model in text) or "not_found" in status:
         return UnknownModel(f"model {model!r} is not available on the Triton server at {where}: {text}")
-    if "invalid_argument" in status or "unexpected shape" in lowered or "unexpected datatype" in lowered:
+    if status == "503":  # the model answered UNAVAILABLE (the feed has no candidates yet)
+        return ServerUnavailable(f"model {model!r} on {where} cannot answer now: {text}")
+    if status == "400" or "invalid_argument" in status or "unexpected shape" in lowered or "unexpected datatype" in lowered:
         return InvalidRequest(f"the server refused the request to {model!r}: {text}")
     return ServerError(f"model {model!r} on {where} failed: {text or type(err).__name__}")
 

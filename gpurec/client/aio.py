@@ -24,11 +24,14 @@ from gpurec.client.base import RankerClientBase
 from gpurec.client.errors import ClientError, ServerUnavailable
 from gpurec.client.features import (
     Features,
+    FeedRequest,
+    FeedResult,
     RankRequest,
     RankResult,
     Recommendation,
     RecommendRequest,
     build_rows,
+    check_feed,
 )
 from gpurec.serve.contract import DENSE_INPUT
 
@@ -65,6 +68,20 @@ class AsyncRankerClient(RankerClientBase):
             self.recommend_model, lambda: self._infer(self.recommend_model, arrays, tr.recommend_outputs(self._tensors))
         )
         return tr.parse_recommend(result)
+
+    async def feed(self, user_id: int, n: int, ts_ms: int | None = None, request_id: int | None = None) -> FeedResult:
+        """The user's live feed from the `feed` model (see `RankerClient.feed`)."""
+        arrays = check_feed(FeedRequest(user_id, n, ts_ms, request_id))
+        result = await self._with_retries(
+            self.feed_model, lambda: self._infer(self.feed_model, arrays, tr.feed_outputs(self._tensors))
+        )
+        return tr.parse_feed(result)
+
+    async def feed_many(self, requests: Sequence[FeedRequest]) -> list[FeedResult]:
+        """`feed` for many users concurrently, results in request order; the first failure is raised."""
+        for request in requests:
+            check_feed(request)
+        return await self._gather([self.feed(r.user_id, r.n, r.ts_ms, r.request_id) for r in requests])
 
     async def rank_many(self, requests: Sequence[RankRequest | tuple[Features, Features]]) -> list[RankResult]:
         """`rank` for many users concurrently, results in request order; the first failure is raised."""

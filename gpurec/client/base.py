@@ -10,10 +10,11 @@ import numpy as np
 from gpurec.client import _transport as tr
 from gpurec.client.features import RecommendRequest, build_rows, candidate_ids, check_k, load_contract
 from gpurec.serve.contract import RANKER_MODEL, RECOMMEND_MODEL, ServingContract
+from gpurec.serve.feed_contract import FEED_MODEL
 
 
 class RankerClientBase:
-    """Settings of a client of the `ranker` and `recommend` models; transport is the subclass's.
+    """Settings of a client of the `ranker`, `recommend` and `feed` models; transport is the subclass's.
 
     `contract` is a ServingContract, a contract.json, a version directory or a repository root (its
     newest ranker version). Only an unreachable server is retried (`retries` times, backoff doubling
@@ -32,6 +33,7 @@ class RankerClientBase:
         model_version: str = "",
         ranker_model: str = RANKER_MODEL,
         recommend_model: str = RECOMMEND_MODEL,
+        feed_model: str = FEED_MODEL,
     ) -> None:
         self.url = tr.check_url(url)
         self.protocol = tr.check_protocol(protocol)
@@ -42,6 +44,7 @@ class RankerClientBase:
         self.model_version = str(model_version)
         self.ranker_model = ranker_model
         self.recommend_model = recommend_model
+        self.feed_model = feed_model
         self._tensors = tr.tensors_module(self.protocol)
         self._client: Any = None
 

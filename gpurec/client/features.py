@@ -34,8 +34,10 @@ from gpurec.serve.contract import (
     assemble_rows,
     hash_raw_features,
 )
+from gpurec.serve.feed_contract import N_INPUT, REQUEST_ID_INPUT, TS_INPUT, USER_ID_INPUT
 
 Features = Mapping[str, Any]
+INT64_MIN, INT64_MAX, INT32_MAX = -(2**63), 2**63 - 1, 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,31 @@ class Recommendation:
     item_ids: np.ndarray
     scores: np.ndarray
     indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class FeedRequest:
+    """One user's live feed: how many items, at what event time (default: the server's clock),
+    under which request id (default: the server makes one)."""
+
+    user_id: int
+    n: int
+    ts_ms: int | None = None
+    request_id: int | None = None
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    """What the feed showed: raw item ids and their scores, best first, and the request id and
+    ranker version the served rows were logged under."""
+
+    request_id: int
+    item_ids: np.ndarray
+    scores: np.ndarray
+    model_version: str
 
     def __len__(self) -> int:
         return int(self.item_ids.shape[0])
@@ -191,3 +218,27 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise InvalidRequest(f"invalid request: k must be a positive integer, got {k!r}")
     return int(k)
+
+
+def check_feed(request: FeedRequest) -> dict[str, np.ndarray]:
+    """The feed model's input arrays for one request (InvalidRequest for what the server would refuse
+    anyway: a non-integer id or time, n < 1; an n above the server's max_n is refused by the server)."""
+    for name in ("user_id", "n", "ts_ms", "request_id"):
+        value = getattr(request, name)
+        if value is None and name in ("ts_ms", "request_id"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not INT64_MIN <= int(value) <= INT64_MAX:
+            raise InvalidRequest(f"invalid request: feed {name} must be a 64-bit integer, got {value!r}")
+    if request.n < 1 or request.n > INT32_MAX:
+        raise InvalidRequest(f"invalid request: feed n must be a positive integer, got {request.n!r}")
+    if request.ts_ms is not None and request.ts_ms < 0:
+        raise InvalidRequest(f"invalid request: feed ts_ms must be epoch milliseconds (>= 0), got {request.ts_ms!r}")
+    arrays = {
+        USER_ID_INPUT: np.array([request.user_id], dtype=np.int64),
+        N_INPUT: np.array([request.n], dtype=np.int32),
+    }
+    if request.ts_ms is not None:
+        arrays[TS_INPUT] = np.array([request.ts_ms], dtype=np.int64)
+    if request.request_id is not None:
+        arrays[REQUEST_ID_INPUT] = np.array([request.request_id], dtype=np.int64)
+    return arrays

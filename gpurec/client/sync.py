@@ -3,6 +3,7 @@
     with RankerClient("127.0.0.1:8000", contract="runs/demo/repo") as client:
         scores = client.rank(user, candidates)            # RankResult: .tasks["like"], .score
         top = client.recommend(user, 5, candidates)       # Recommendation: .item_ids, .scores
+        feed = client.feed(user_id=7, n=6)                # FeedResult: .item_ids, .scores, .request_id
 
 `rank_many` / `recommend_many` send many users' requests concurrently (up to `max_concurrency`
 in flight, through tritonclient's own async_infer), so the server's dynamic batcher can merge them.
@@ -25,11 +26,14 @@ from gpurec.client.base import RankerClientBase
 from gpurec.client.errors import ClientError, ServerUnavailable
 from gpurec.client.features import (
     Features,
+    FeedRequest,
+    FeedResult,
     RankRequest,
     RankResult,
     Recommendation,
     RecommendRequest,
     build_rows,
+    check_feed,
 )
 from gpurec.serve.contract import DENSE_INPUT
 
@@ -77,6 +81,17 @@ class RankerClient(RankerClientBase):
         )
         return tr.parse_recommend(result)
 
+    def feed(self, user_id: int, n: int, ts_ms: int | None = None, request_id: int | None = None) -> FeedResult:
+        """The user's live feed from the `feed` model: n item ids with scores, best first.
+
+        The server picks the candidates, reads their features, ranks them and logs what it shows;
+        `ts_ms` is the request's event time (default: the server's clock), `request_id` the id the
+        served rows are logged under (default: the server's). An unknown user gets a cold-start feed.
+        """
+        arrays = check_feed(FeedRequest(user_id, n, ts_ms, request_id))
+        result = self._with_retries(self.feed_model, lambda: self._infer(self.feed_model, arrays, tr.feed_outputs(self._tensors)))
+        return tr.parse_feed(result)
+
     # ---- many users, concurrently -------------------------------------------------------------
 
     def rank_many(self, requests: Sequence[RankRequest | tuple[Features, Features]]) -> list[RankResult]:
@@ -90,6 +105,12 @@ class RankerClient(RankerClientBase):
         prepared = [self._recommend_arrays(r) for r in requests]
         results = self._infer_many(self.recommend_model, prepared, lambda: tr.recommend_outputs(self._tensors))
         return [tr.parse_recommend(res) for res in results]
+
+    def feed_many(self, requests: Sequence[FeedRequest]) -> list[FeedResult]:
+        """`feed` for many users at once, results in request order; the first failure is raised."""
+        prepared = [check_feed(r) for r in requests]
+        results = self._infer_many(self.feed_model, prepared, lambda: tr.feed_outputs(self._tensors))
+        return [tr.parse_feed(res) for res in results]
 
     # ---- server state -------------------------------------------------------------------------
 

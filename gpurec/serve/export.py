@@ -1,7 +1,7 @@
 """`export`: a trained checkpoint -> a versioned Triton model repository.
 
-Layout written (each export adds version N+1 of both models, so a `recommend` version always
-calls the `ranker` version it was exported with):
+Layout written (each export adds version N+1 of every model, so a `recommend` or `feed` version
+always calls the `ranker` version it was exported with):
 
     REPO/ranker/config.pbtxt            generated from the contract (gpurec.serve.model_config)
     REPO/ranker/N/model.pt              TorchScript: remap + DLRM + combined score (artifact.py)
@@ -10,6 +10,9 @@ calls the `ranker` version it was exported with):
     REPO/recommend/config.pbtxt
     REPO/recommend/N/model.py           triton_models/recommend/model.py (BLS -> ranker N, top-k)
     REPO/recommend/N/contract.json
+    REPO/feed/config.pbtxt              parameters: feature store, event log, knobs (feed_settings.py)
+    REPO/feed/N/model.py                triton_models/feed/model.py (BLS: candidates -> store -> ranker N -> log)
+    REPO/feed/N/contract.json
 
 Before a version is moved into place the saved artifact is loaded back and compared with the
 eager model on generated rows, so a repository never holds an artifact whose scores differ
@@ -19,6 +22,7 @@ polling the repository never sees half a version.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -44,11 +48,20 @@ from gpurec.serve.contract import (
     SCORE_OUTPUT,
     ServingContract,
 )
-from gpurec.serve.model_config import BatchingConfig, instance_kind, ranker_config, recommend_config
+from gpurec.serve.feed_contract import FEED_MODEL
+from gpurec.serve.feed_settings import FeedSettings, normalise_url
+from gpurec.serve.model_config import (
+    BatchingConfig,
+    feed_config,
+    instance_kind,
+    ranker_config,
+    recommend_config,
+)
 
 TRITON_MODELS = Path(__file__).resolve().parents[2] / "triton_models"
 """The python-backend model code, kept at the repository root (a source checkout / editable install)."""
 
+MODELS = (RANKER_MODEL, RECOMMEND_MODEL, FEED_MODEL)
 DEFAULT_MAX_BATCH_SIZE = 1024
 CHECK_TOLERANCE = 1e-5
 
@@ -64,7 +77,7 @@ class ExportResult:
         return {
             "repo": str(self.repo),
             "version": self.version,
-            "models": [RANKER_MODEL, RECOMMEND_MODEL],
+            "models": list(MODELS),
             "max_abs_diff": self.max_abs_diff,
             "inputs": [s.name for s in self.contract.ranker_inputs()],
         }
@@ -112,10 +125,10 @@ def _dense_names_and_hashing(run: TrainedRun) -> tuple[list[str], str]:
 
 
 def next_version(repo: Path) -> int:
-    """One more than the highest numeric version directory of either model (1 for a new repo)."""
+    """One more than the highest numeric version directory of any model (1 for a new repo)."""
     versions = [
         int(p.name)
-        for model in (RANKER_MODEL, RECOMMEND_MODEL)
+        for model in MODELS
         if (repo / model).is_dir()
         for p in (repo / model).iterdir()
         if p.is_dir() and p.name.isdigit()
@@ -181,12 +194,19 @@ def export_repository(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batching: BatchingConfig | None = None,
     use_gpu: bool | None = None,
+    feed: FeedSettings | None = None,
 ) -> ExportResult:
-    """Export the checkpoint's model as the next version of `ranker` and `recommend` in `repo`."""
+    """Export the checkpoint's model as the next version of `ranker`, `recommend` and `feed` in `repo`.
+
+    `feed` holds the feed's settings (feature store and event log URLs, knobs) for
+    `feed/config.pbtxt`; without URLs the feed loads but answers UNAVAILABLE until the server is
+    given them (`gpurec serve --feature-store URL --event-log URL`).
+    """
+    feed = _checked_feed_settings(feed or FeedSettings())
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
         raise InvalidInput(f"--repo {repo} is a file, not a model repository directory")
-    model_code = {name: TRITON_MODELS / name / "model.py" for name in (RANKER_MODEL, RECOMMEND_MODEL)}
+    model_code = {name: TRITON_MODELS / name / "model.py" for name in MODELS}
     missing = [str(p) for p in model_code.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"python-backend model code not found: {missing} (export runs from a gpurec source checkout)")
@@ -210,6 +230,7 @@ def export_repository(
     kind = instance_kind(use_gpu)
     _write_atomic(repo / RANKER_MODEL / "config.pbtxt", ranker_config(contract, kind, batching))
     _write_atomic(repo / RECOMMEND_MODEL / "config.pbtxt", recommend_config(contract))
+    _write_atomic(repo / FEED_MODEL / "config.pbtxt", feed_config(feed.parameters()))
     return ExportResult(repo=repo, version=version, contract=contract, max_abs_diff=max_diff)
 
 
@@ -225,6 +246,18 @@ def _check_artifact(path: Path, model: MultiTaskDLRM, remap: nn.Module, contract
     if not diff <= CHECK_TOLERANCE:
         raise RuntimeError(f"exported artifact differs from the trained model by {diff:.3g} (> {CHECK_TOLERANCE})")
     return diff
+
+
+def _checked_feed_settings(feed: FeedSettings) -> FeedSettings:
+    """The feed's settings with SQLite paths made absolute (the server resolves them from its own
+    working directory) and the candidate knobs checked now rather than when the server loads."""
+    feed.candidate_config()
+    urls = {
+        name: normalise_url(getattr(feed, name), f"--{name.replace('_', '-')}")
+        for name in ("feature_store", "event_log")
+        if getattr(feed, name)
+    }
+    return dataclasses.replace(feed, **urls)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -8,13 +8,28 @@ written as `contract.json`, so the server's shape checks and the client's can't 
   present (KIND_GPU), else CPU instances.
 - `recommend`: a BLS model (`max_batch_size: 0`: its first dim is the N candidates of one user)
   that calls `ranker` and keeps the top k; it holds no weights, so it runs on CPU.
+- `feed`: a BLS model (one user per request) that finds candidates, reads their features, calls
+  `ranker` and logs what it shows; CPU instances, its settings (feature store, event log, knobs)
+  as `parameters` (see `gpurec.serve.feed_settings`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from gpurec.serve.contract import RANKER_MODEL, RECOMMEND_MODEL, ServingContract, TensorSpec
+from gpurec.serve.feed_contract import (
+    FEED_MODEL,
+    ITEM_IDS_OUTPUT,
+    MODEL_VERSION_OUTPUT,
+    N_INPUT,
+    REQUEST_ID_INPUT,
+    REQUEST_ID_OUTPUT,
+    SCORES_OUTPUT,
+    TS_INPUT,
+    USER_ID_INPUT,
+)
 
 
 @dataclass(frozen=True)
@@ -71,4 +86,40 @@ def recommend_config(contract: ServingContract, instance_count: int = 2) -> str:
         + _tensor_block("input", contract.recommend_inputs())
         + _tensor_block("output", contract.recommend_outputs())
         + f"instance_group [\n  {{\n    count: {instance_count}\n    kind: KIND_CPU\n  }}\n]\n"
+    )
+
+
+def _feed_tensor(name: str, data_type: str, dims: str, optional: bool = False) -> str:
+    return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n' + ("    optional: true\n" if optional else "") + "  }"
+
+
+def feed_config(parameters: dict[str, str], instance_count: int = 2) -> str:
+    """`feed`: one user per request (`max_batch_size: 0`), optional event time and request id.
+
+    Two instances by default, as for `recommend`: while one waits on the ranker the other takes
+    the next user. Each instance is its own process with its own store and log connections.
+    """
+    inputs = [
+        _feed_tensor(USER_ID_INPUT, "TYPE_INT64", "1"),
+        _feed_tensor(N_INPUT, "TYPE_INT32", "1"),
+        _feed_tensor(TS_INPUT, "TYPE_INT64", "1", optional=True),
+        _feed_tensor(REQUEST_ID_INPUT, "TYPE_INT64", "1", optional=True),
+    ]
+    outputs = [
+        _feed_tensor(ITEM_IDS_OUTPUT, "TYPE_INT64", "-1"),
+        _feed_tensor(SCORES_OUTPUT, "TYPE_FP32", "-1"),
+        _feed_tensor(REQUEST_ID_OUTPUT, "TYPE_INT64", "1"),
+        _feed_tensor(MODEL_VERSION_OUTPUT, "TYPE_STRING", "1"),
+    ]
+    params = ",\n".join(
+        f'  {{\n    key: "{key}"\n    value: {{ string_value: {json.dumps(value, ensure_ascii=False)} }}\n  }}' for key, value in parameters.items()
+    )
+    return (
+        f'name: "{FEED_MODEL}"\n'
+        'backend: "python"\n'
+        "max_batch_size: 0\n"
+        + "input [\n" + ",\n".join(inputs) + "\n]\n"
+        + "output [\n" + ",\n".join(outputs) + "\n]\n"
+        + f"instance_group [\n  {{\n    count: {instance_count}\n    kind: KIND_CPU\n  }}\n]\n"
+        + (f"parameters [\n{params}\n]\n" if parameters else "")
     )

@@ -2,6 +2,10 @@
 
     gpurec serve --repo runs/demo/repo                       # free loopback ports
     gpurec serve --repo runs/demo/repo --http-port 8000 --grpc-port 8001 --metrics-port 8002
+    gpurec serve --repo runs/demo/repo --feature-store redis://127.0.0.1:6379/0 --event-log kafka://127.0.0.1:9092
+
+`--feature-store` / `--event-log` override, for the `feed` model, the URLs export wrote into
+`feed/config.pbtxt` (through GPUREC_FEATURE_STORE / GPUREC_EVENT_LOG in the server's environment).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind all endpoints to (default: loopback only)")
     parser.add_argument("--log", type=Path, default=None, help="server log file (default: a temporary file, printed)")
     parser.add_argument("--timeout", type=positive_float, default=180.0, help="seconds to wait for the server to be ready")
+    parser.add_argument("--feature-store", default=None, help="the feed's feature store, overriding feed/config.pbtxt")
+    parser.add_argument("--event-log", default=None, help="the feed's event log, overriding feed/config.pbtxt")
     parser.add_argument("--verbose", action="store_true", help="verbose server log")
     parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON object once ready")
 
@@ -37,6 +43,7 @@ def require_model_repository(repo: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpurec.serve.feed_settings import EVENT_LOG_ENV, FEATURE_STORE_ENV, normalise_url
     from gpurec.serve.server import TritonServer, TritonServerError
 
     require_model_repository(args.repo)
@@ -45,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
     if args.log is not None and args.log.is_dir():
         raise InvalidInput(f"--log {args.log} is a directory; give a file name")
+    env = {}
+    if args.feature_store is not None:
+        env[FEATURE_STORE_ENV] = normalise_url(args.feature_store, "--feature-store")
+    if args.event_log is not None:
+        env[EVENT_LOG_ENV] = normalise_url(args.event_log, "--event-log")
 
     server = TritonServer(
         args.repo,
@@ -55,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         log_path=args.log,
         startup_timeout=args.timeout,
         verbose=args.verbose,
+        env=env,
     )
 
     def _terminate(signum: int, _frame: object) -> None:

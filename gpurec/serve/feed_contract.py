@@ -1,0 +1,48 @@
+"""The `feed` model's request and response, by name: what the client and the server agree on.
+
+A feed request names a user and how many items to show; the server finds the candidates, reads
+their features, ranks them with `ranker`, logs what it shows and answers:
+
+    inputs   user_id INT64 [1]      the raw user id (an unknown user is a cold start, not an error)
+             n INT32 [1]            how many items, 1..max_n
+             ts_ms INT64 [1]        optional: the request's event time (default: the server's clock)
+             request_id INT64 [1]   optional: the caller's request id (default: one is generated)
+    outputs  item_ids INT64 [n']    raw item ids, best first, n' <= n (fewer only if the catalogue is)
+             scores FP32 [n']       the ranker's combined score of each
+             request_id INT64 [1]   the id the served rows were logged under
+             model_version BYTES [1] the ranker version that scored them
+
+Imported by the client: the standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+FEED_MODEL: Final = "feed"
+
+USER_ID_INPUT: Final = "user_id"
+N_INPUT: Final = "n"
+TS_INPUT: Final = "ts_ms"
+REQUEST_ID_INPUT: Final = "request_id"
+
+ITEM_IDS_OUTPUT: Final = "item_ids"
+SCORES_OUTPUT: Final = "scores"
+REQUEST_ID_OUTPUT: Final = "request_id"
+MODEL_VERSION_OUTPUT: Final = "model_version"
+
+DEFAULT_MAX_N: Final = 100
+"""The most items one feed request may ask for, unless export sets another `max_n`."""
+
+__all__ = [
+    "DEFAULT_MAX_N",
+    "FEED_MODEL",
+    "ITEM_IDS_OUTPUT",
+    "MODEL_VERSION_OUTPUT",
+    "N_INPUT",
+    "REQUEST_ID_INPUT",
+    "REQUEST_ID_OUTPUT",
+    "SCORES_OUTPUT",
+    "TS_INPUT",
+    "USER_ID_INPUT",
+]
