@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from kernel_checks import distinct_ids, segmented_layout
+from kernel_checks import distinct_ids, rows_of, segmented_layout
 
 from kernels import cuckoo as kc
 from kernels.cuckoo_layout import SLOTS, empty_storage
@@ -118,7 +118,7 @@ def bench_load(device: torch.device, sizes, load: float, timed: Timer, profile: 
 
     # Checks of the last runs: every queried id at its row (none was left homeless at this load, or
     # it reads -1), the new ids stored or homeless, every lock released.
-    want = torch.where(torch.isin(queries, homeless_fill), -1, _row_of(fill_ids, fill_rows, queries))
+    want = torch.where(torch.isin(queries, homeless_fill), -1, rows_of(fill_ids, fill_rows)(queries))
     left = homeless.bool()
     not_stored = torch.isin(new_ids, out_ids[left])
     new_want = torch.where(not_stored, -1, new_rows.to(torch.int64))
@@ -147,9 +147,3 @@ def bench_load(device: torch.device, sizes, load: float, timed: Timer, profile: 
         result["find_values_per_s"] = batch / (ms["find_values"] / 1e3)
         result["insert_assign_per_s"] = batch / (ms["insert_assign"] / 1e3)
     return result
-
-
-def _row_of(ids: torch.Tensor, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(ids)
-    pos = torch.searchsorted(ids[order], queries)
-    return rows.to(torch.int64)[order][pos]

@@ -132,6 +132,7 @@ class _PartitionJoin:
         for topic in topics:
             committed = log.committed(settings.group, topic).get(partition)
             self.position[topic] = committed if committed is not None else log.start_offsets(topic)[partition]
+        self.ends = self._end_offsets()  # where each input ends, read once per step (a broker call on Kafka)
 
     def step(self, now: int, drain: bool) -> tuple[dict[str, int], list[Output], bool]:
         """Read one batch per input, join it, commit. Returns (records read per topic, outputs, done)."""
@@ -151,7 +152,9 @@ class _PartitionJoin:
                 self.max_event[topic] = max(newest, self.max_event.get(topic, newest))
                 self.tracker.observe(topic, self.max_event[topic], now)
         read = {t: len(r) for t, r in batches.items()}
-        exhausted = all(len(r) < self.settings.batch for r in raw.values()) and self._caught_up()
+        self.ends = self._end_offsets()
+        caught_up = all(self.position[t] >= self.ends[t] for t in self.topics)
+        exhausted = caught_up and all(len(r) < self.settings.batch for r in raw.values())
         watermark = self.tracker.watermark(now)
         if drain and exhausted:
             watermark = INT64_MAX  # the inputs are over: close every window
@@ -165,8 +168,8 @@ class _PartitionJoin:
         try:
             value = _DECODERS[topic](record.value)
         except InvalidInput as error:
-            source = {SERVED: "served", ACTIONS: "action", CONSENT: "consent"}[topic]
-            return [DeadLetter(source=source, reason="undecodable", record=bytes(record.value), detail=str(error))]
+            letter = DeadLetter(source=_SOURCE[topic], reason="undecodable", record=bytes(record.value), detail=str(error))
+            return [letter]
         if topic == SERVED:
             self._served.append(value)
             return self.joiner.on_served(value)
@@ -201,12 +204,12 @@ class _PartitionJoin:
                 }
             )
 
-    def _caught_up(self) -> bool:
-        ends = {t: self.log.end_offsets(t)[self.partition] for t in self.topics}
-        return all(self.position[t] >= ends[t] for t in self.topics)
+    def _end_offsets(self) -> dict[str, int]:
+        return {t: self.log.end_offsets(t)[self.partition] for t in self.topics}
 
     def lag(self) -> int:
-        return sum(max(0, self.log.end_offsets(t)[self.partition] - self.position[t]) for t in self.topics)
+        """Records appended but not yet read, as of this step's end offsets."""
+        return sum(max(0, self.ends[t] - self.position[t]) for t in self.topics)
 
     def _commit(self, outputs: list[Output], changed: bool) -> None:
         upserts, deletes = self.joiner.drain_changes()
@@ -248,6 +251,8 @@ def _aligned(batches: dict[str, list[StoredRecord]], size: int) -> dict[str, lis
 
 
 _ORDER = {SERVED: 0, CONSENT: 1, ACTIONS: 2}
+_SOURCE = {SERVED: "served", ACTIONS: "action", CONSENT: "consent"}  # DeadLetter.source of each input
+_TOPIC_OF_SOURCE = {source: topic for topic, source in _SOURCE.items()}
 _DECODERS: dict[str, Callable[[bytes], object]] = {
     SERVED: decoder(ServedRow),
     ACTIONS: decoder(Action),
@@ -265,10 +270,10 @@ def _output_record(output: Output) -> tuple[str, Record]:
 
 def _dead_letter_key(letter: DeadLetter) -> tuple[int, int]:
     """Key and time of a dead letter: its user and event time when the record decodes, else 0."""
-    kind = {"served": ServedRow, "action": Action, "consent": ConsentChange}.get(letter.source)
-    if kind is not None:
+    topic = _TOPIC_OF_SOURCE.get(letter.source)
+    if topic is not None:
         try:
-            record = _DECODERS[{ServedRow: SERVED, Action: ACTIONS, ConsentChange: CONSENT}[kind]](letter.record)
+            record = _DECODERS[topic](letter.record)
             return record.user_id, record.ts_ms
         except InvalidInput:
             pass
