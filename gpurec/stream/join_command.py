@@ -101,12 +101,13 @@ class _Progress:
     """A tqdm line on stderr: records in, examples out, lag."""
 
     def __init__(self, enabled: bool) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc="join", unit=" rec", disable=not enabled, file=sys.stderr, mininterval=0.5)
-        self.seen = 0
+        self.enabled, self.bar, self.seen = enabled, None, 0
 
     def update(self, report) -> None:
+        if self.bar is None:  # made at the first step: a run refused before it prints only its error
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="join", unit=" rec", disable=not self.enabled, file=sys.stderr, mininterval=0.5)
         total = sum(report.records_in.values())
         self.bar.update(total - self.seen)
         self.seen = total
@@ -115,4 +116,5 @@ class _Progress:
         )
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
