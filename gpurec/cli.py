@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     name = argv[0]
     module_name, help_text = COMMANDS[name]
+    if name == "train" and "--online" in argv[1:]:
+        # Online training reads the event log, downstream of the train stage: its own module.
+        module_name, help_text = "gpurec.sync.online_command", "train on the event log's examples as they arrive"
     module = importlib.import_module(module_name)
     cmd_parser = ArgumentParser(prog=f"gpurec {name}", description=help_text)
     module.add_arguments(cmd_parser)

@@ -91,16 +91,29 @@ class TrainerState:
     batch: int = 0
     samples: int = 0
     run: TrainedRun | None = None
+    # Online training: the next offset of every input partition ("examples/3" -> offset), saved with
+    # the model so a restarted trainer continues exactly after the last example it trained ...
+    offsets: dict[str, int] = field(default_factory=dict)
+    # ... and an order-independent checksum of the examples trained (a sum of their keys' hashes
+    # mod 2**64), so a test can check that each was trained exactly once.
+    digest: int = 0
 
     def to_json(self) -> dict[str, Any]:
         position = {"step": self.step, "epoch": self.epoch, "batch": self.batch, "samples": self.samples}
-        return {**position, "run": self.run.to_json() if self.run is not None else None}
+        online = {"offsets": dict(self.offsets), "digest": self.digest} if self.offsets else {}
+        return {**position, **online, "run": self.run.to_json() if self.run is not None else None}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainerState:
         run = data.get("run")
         position = {k: int(data[k]) for k in ("step", "epoch", "batch", "samples")}
-        return cls(**position, run=TrainedRun.from_json(run) if run is not None else None)
+        offsets = {str(k): int(v) for k, v in data.get("offsets", {}).items()}
+        return cls(
+            **position,
+            run=TrainedRun.from_json(run) if run is not None else None,
+            offsets=offsets,
+            digest=int(data.get("digest", 0)),
+        )
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:

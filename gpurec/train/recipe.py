@@ -15,14 +15,16 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.config import aligned_rows
-from gpurec.embedding.idmap import id_map_for
+from gpurec.embedding.idmap import IdMap, id_map_for
 from gpurec.embedding.rows import RowReinitializer
 from gpurec.embedding.tables import SparseFeatureSpec
 from gpurec.errors import InvalidInput
@@ -40,7 +42,7 @@ from gpurec.model.sharded import combined_optimizer, shard_model
 from gpurec.model.trained import build_ranker
 from gpurec.preprocess.manifest import Manifest, load_manifest
 from gpurec.train.config import TrainConfig
-from gpurec.train.data import LoaderConfig, ParquetBatches
+from gpurec.train.data import LoaderConfig, ParquetBatches, TimedBatch
 from gpurec.train.distributed import DistContext, all_reduce_mean, init_distributed
 from gpurec.train.metrics_log import MetricsLog
 
@@ -73,6 +75,73 @@ def labels_by_task(labels: torch.Tensor, names: list[str], tasks: tuple[str, ...
     return {task: labels[:, column[task]] for task in tasks}
 
 
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # summed over tasks
+    per_task: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]  # by task, detached
+
+
+@dataclass
+class Trainer:
+    """What a training loop steps: the sharded model, its optimizers, this rank's id maps.
+
+    Shared by batch training (`train` below) and online training (`gpurec.sync.online`), so both
+    learn with exactly the same model, tables, optimizers and id admission.
+    """
+
+    model: nn.Module  # DistributedModelParallel
+    optimizer: Any
+    ids: IdMap
+    reinit: RowReinitializer
+    run: TrainedRun
+
+    def rows_of(self, batch: TimedBatch) -> KeyedJaggedTensor:
+        """The batch's ids as table rows; rows handed to new ids start from their initial value."""
+        rows, admitted = self.ids.assign(batch.sparse_features, batch.event_time_ms)
+        self.reinit.apply(admitted)
+        return rows
+
+    def step(self, batch: TimedBatch) -> StepResult:
+        """One optimizer step on a batch already on the device. The logits come from the forward
+        pass before the update: scores of examples the model has not trained on yet."""
+        logits = self.model(batch.dense_features, self.rows_of(batch))
+        tasks = self.run.model_config.tasks
+        per_task = task_losses(logits, labels_by_task(batch.labels, list(self.run.labels), tasks))
+        loss = torch.stack(list(per_task.values())).sum()  # = multi_task_loss, keeping the parts to log
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return StepResult(loss, per_task, {task: value.detach() for task, value in logits.items()})
+
+    def resume(self, checkpoint: Path) -> TrainerState:
+        """Load a checkpoint's model, optimizer state and id maps; return where it stood."""
+        written = read_trainer_state(checkpoint).run
+        self.ids.check_resume(written.world_size if written is not None else self.run.world_size)
+        state = load_checkpoint(checkpoint, self.model, self.optimizer, ids=self.ids)
+        # The re-initialiser keeps views into the tables' (and optimizer's) storage: take them anew.
+        self.reinit = RowReinitializer(self.model, self.optimizer, list(self.run.sparse_specs))
+        return state
+
+
+def build_trainer(
+    run: TrainedRun, train_config: TrainConfig, ctx: DistContext, dense_stats: tuple[list[float], list[float]]
+) -> Trainer:
+    """The sharded model with seeded initial weights, fused RowWiseAdagrad tables, Adagrad on the
+    dense part, and this rank's partition of the id maps ([model.ids] kind)."""
+    specs = list(run.sparse_specs)
+    # Seeded init on CPU, then loaded into the sharded model: every world size starts from the
+    # same weights, so a 2-rank run can be compared step by step with a 1-rank run.
+    initial = build_ranker(run.model_config, specs, dense_stats, train_config.seed).state_dict()
+    model = build_ranker(run.model_config, specs, dense_stats, train_config.seed, device="meta")
+    sharding = None if train_config.sharding == "auto" else [train_config.sharding]
+    sharded = shard_model(model, ctx.device, sparse_lr=train_config.sparse_lr, sharding_types=sharding)
+    sharded.load_state_dict(initial)
+    del initial
+    optimizer = combined_optimizer(sharded, lambda params: torch.optim.Adagrad(params, lr=train_config.dense_lr))
+    ids = id_map_for(run.model_config.ids, specs, ctx.rank, ctx.world_size, ctx.device)
+    return Trainer(sharded, optimizer, ids, RowReinitializer(sharded, optimizer, specs), run)
+
+
 def train(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -91,17 +160,6 @@ def train(
     dense_stats = manifest.dense_normalization("train")
     num_dense = len(dense_stats[0])
 
-    # Seeded init on CPU, then loaded into the sharded model: every world size starts from the
-    # same weights, so a 2-rank run can be compared step by step with a 1-rank run.
-    initial = build_ranker(model_config, specs, dense_stats, train_config.seed).state_dict()
-    model = build_ranker(model_config, specs, dense_stats, train_config.seed, device="meta")
-    sharding = None if train_config.sharding == "auto" else [train_config.sharding]
-    sharded = shard_model(model, ctx.device, sparse_lr=train_config.sparse_lr, sharding_types=sharding)
-    sharded.load_state_dict(initial)
-    del initial
-    optimizer = combined_optimizer(sharded, lambda params: torch.optim.Adagrad(params, lr=train_config.dense_lr))
-    # Ids -> rows: this rank's partition of the id maps ([model.ids] kind: collisionless or hashed).
-    ids = id_map_for(model_config.ids, specs, ctx.rank, ctx.world_size, ctx.device)
     run = TrainedRun(
         model_config=model_config,
         sparse_specs=tuple(specs),
@@ -111,20 +169,13 @@ def train(
         world_size=ctx.world_size,
         train_config=asdict(train_config),
     )
+    trainer = build_trainer(run, train_config, ctx, dense_stats)
     state = TrainerState(run=run)
     resume_from = latest_checkpoint(out_dir)
     if resume_from is not None:
-        written = read_trainer_state(resume_from).run
-        ids.check_resume(written.world_size if written is not None else ctx.world_size)
-        state = load_checkpoint(resume_from, sharded, optimizer, ids=ids)
+        state = trainer.resume(resume_from)
         state.run = replace(run, resumed_from=str(resume_from))
-    reinit = RowReinitializer(sharded, optimizer, specs)
-
-    def rows_of(batch) -> KeyedJaggedTensor:
-        """The batch's ids as table rows; rows handed to new ids start from their initial value."""
-        rows, admitted = ids.assign(batch.sparse_features, batch.event_time_ms)
-        reinit.apply(admitted)
-        return rows
+    sharded, optimizer, ids = trainer.model, trainer.optimizer, trainer.ids
 
     loader = ParquetBatches(
         manifest.split_files("train", data_dir),
@@ -147,13 +198,7 @@ def train(
     while state.epoch < train_config.epochs and state.step < total_steps:
         loader.set_epoch(state.epoch, start_batch=state.batch)
         for batch in loader:
-            batch = batch.to(ctx.device, non_blocking=True)
-            logits = sharded(batch.dense_features, rows_of(batch))
-            per_task = task_losses(logits, labels_by_task(batch.labels, manifest.label_names, model_config.tasks))
-            loss = torch.stack(list(per_task.values())).sum()  # = multi_task_loss, keeping the parts to log
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss, per_task, _ = trainer.step(batch.to(ctx.device, non_blocking=True))
             state.step += 1
             state.batch += 1
             state.samples += loader.global_batch
