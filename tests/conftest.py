@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from gpurec.data.generate import generate_synthetic
 from gpurec.data.world import WorldConfig
+from gpurec.preprocess.manifest import load_manifest
 from gpurec.preprocess.run import preprocess
 from gpurec.serve.server import TritonServer
+from gpurec.stream.log import Record, open_event_log
+from gpurec.stream.records import Example, ModelInputs, ServedRow, encode, encode_inputs
+from gpurec.sync.examples import EXAMPLES_TOPIC
 from gpurec.train.config import load_configs
 from gpurec.train.recipe import train
 
@@ -44,3 +49,48 @@ def train_small(features: Path, out: Path, **overrides) -> dict:
     """Train the small ranker (tests/configs/small.toml, `[train]` overrides as keywords)."""
     model_config, train_config = load_configs(SMALL_CONFIG, **overrides)
     return train(features, out, model_config, train_config, progress=False)
+
+
+def examples_from_features(features: Path, split: str, limit: int | None = None) -> list[Example]:
+    """The split's rows as joiner examples: served inputs = the feature row, labels = its labels."""
+    manifest = load_manifest(features)
+    table = pq.read_table(manifest.split_files(split, features)).to_pylist()
+    dense = [f.column for f in manifest.dense_features]
+    sparse = [(f.name, f.column) for f in manifest.sparse_features]
+    out = []
+    for row in table[:limit]:
+        ids = {name: tuple(row[col]) if isinstance(row[col], list) else (row[col],) for name, col in sparse}
+        served = ServedRow(
+            request_id=row["request_id"],
+            item_id=row["item_id"],
+            user_id=row["user_id"],
+            ts_ms=int(row["ts"].timestamp() * 1000),
+            position=row["position"],
+            model_version="test",
+            duration_ms=0,
+            consent_training=True,
+            inputs=encode_inputs(ModelInputs(tuple(float(row[c]) for c in dense), ids)),
+        )
+        like, finish = bool(row["like"]), bool(row["finish"])
+        out.append(Example(served, like, finish, False, False, False, False, 0, int(like or finish), False))
+    return out
+
+
+def fill_examples(url: str, examples: list[Example], partitions: int = 2) -> None:
+    with open_event_log(url) as log:
+        log.create_topic(EXAMPLES_TOPIC, partitions)
+        ordered = sorted(examples, key=lambda e: e.served.ts_ms)
+        log.append(EXAMPLES_TOPIC, [Record(e.served.user_id, encode(e), e.served.ts_ms) for e in ordered])
+
+
+@pytest.fixture(scope="session")
+def batch_run(small_features, tmp_path_factory) -> Path:
+    """A short batch run of the small ranker: where online training starts."""
+    out = tmp_path_factory.mktemp("batch")
+    train_small(small_features, out, epochs=1, max_steps=20)
+    return out
+
+
+@pytest.fixture(scope="session")
+def valid_examples(small_features) -> list[Example]:
+    return examples_from_features(small_features, "valid", limit=3000)

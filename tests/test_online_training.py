@@ -15,64 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-import pytest
 import torch
-from conftest import train_small
+from conftest import fill_examples
 
 from gpurec.model.checkpoint import latest_checkpoint, read_trainer_state
 from gpurec.model.trained import load_trained_model
-from gpurec.preprocess.manifest import load_manifest
-from gpurec.stream.log import Record, open_event_log
-from gpurec.stream.records import Example, ModelInputs, ServedRow, encode, encode_inputs
+from gpurec.stream.log import open_event_log
 from gpurec.sync.examples import EXAMPLES_TOPIC, ExampleFeed
 from gpurec.sync.online import OnlineSettings, examples_digest, train_online
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def examples_from_features(features: Path, split: str, limit: int | None = None) -> list[Example]:
-    """The split's rows as joiner examples: served inputs = the feature row, labels = its labels."""
-    manifest = load_manifest(features)
-    table = pq.read_table(manifest.split_files(split, features)).to_pylist()
-    dense = [f.column for f in manifest.dense_features]
-    sparse = [(f.name, f.column) for f in manifest.sparse_features]
-    out = []
-    for row in table[:limit]:
-        ids = {name: tuple(row[col]) if isinstance(row[col], list) else (row[col],) for name, col in sparse}
-        served = ServedRow(
-            request_id=row["request_id"],
-            item_id=row["item_id"],
-            user_id=row["user_id"],
-            ts_ms=int(row["ts"].timestamp() * 1000),
-            position=row["position"],
-            model_version="test",
-            duration_ms=0,
-            consent_training=True,
-            inputs=encode_inputs(ModelInputs(tuple(float(row[c]) for c in dense), ids)),
-        )
-        like, finish = bool(row["like"]), bool(row["finish"])
-        out.append(Example(served, like, finish, False, False, False, False, 0, int(like or finish), False))
-    return out
-
-
-def fill_examples(url: str, examples: list[Example], partitions: int = 2) -> None:
-    with open_event_log(url) as log:
-        log.create_topic(EXAMPLES_TOPIC, partitions)
-        ordered = sorted(examples, key=lambda e: e.served.ts_ms)
-        log.append(EXAMPLES_TOPIC, [Record(e.served.user_id, encode(e), e.served.ts_ms) for e in ordered])
-
-
-@pytest.fixture(scope="module")
-def batch_run(small_features, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("batch")
-    train_small(small_features, out, epochs=1, max_steps=20)
-    return out
-
-
-@pytest.fixture(scope="module")
-def valid_examples(small_features) -> list[Example]:
-    return examples_from_features(small_features, "valid", limit=3000)
 
 
 def test_feed_merges_partitions_in_event_time_and_rebuilds_from_positions(tmp_path, valid_examples):

@@ -163,6 +163,13 @@ class CollisionlessIds:
         """Every partition's maps in one read-only `IdLookup` (``maps[p]`` = partition p)."""
         return IdLookup.from_partitions([m.partition for m in maps])
 
+    def serving_slots(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """This partition's part of the serving lookup's buffers (`IdLookup.keys`/`slot_rows`, in
+        the served layout: global rows) and where it starts in them: what parameter sync diffs
+        and ships to servers (admissions, expiries, evictions and cuckoo displacements alike)."""
+        part = IdLookup.from_partitions([self.partition])
+        return self.rank * part.keys.numel(), {"keys": part.keys, "slot_rows": part.slot_rows}
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per feature, summed over ranks: rows used, capacity, occupancy, load factor, counters."""
         part = self.partition

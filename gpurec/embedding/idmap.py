@@ -50,6 +50,11 @@ class IdMap(Protocol):
 
     def stats(self) -> dict[str, dict[str, float]]: ...
 
+    def serving_slots(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """This partition's slice of the serving lookup's mutable buffers (by buffer name) and
+        its start in them; empty when the map never changes (hashing)."""
+        ...
+
     @classmethod
     def merged_lookup(cls, maps: Sequence[IdMap]) -> nn.Module:
         """The serving lookup over every partition (``maps[p]`` = partition p)."""
@@ -78,6 +83,9 @@ class HashedIds:
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {}
+
+    def serving_slots(self) -> tuple[int, dict[str, torch.Tensor]]:
+        return 0, {}
 
     @classmethod
     def merged_lookup(cls, maps: Sequence[HashedIds]) -> nn.Module:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.data.hashing_core import feature_salt, to_signed
 from gpurec.embedding.cuckoo import mix64
@@ -108,3 +109,28 @@ def _local_shards(weight: Any, states: list[Any]) -> list[_Shard]:
                     shard_states.append(state_shard.tensor)
         shards.append(_Shard(shard.tensor, int(row_start), int(col_start), shard_states))
     return shards
+
+
+class TouchedRows:
+    """Which rows of each table training read since the last `take()`: a bitmap per table.
+
+    RowWiseAdagrad changes exactly the rows a step looks up (and the id map's re-initialisation
+    only rows it admitted, which the same step then looks up), so these are the rows parameter sync
+    must ship. A bitmap costs one scatter per feature per step (0.06 ms on the demo model, against
+    0.1 ms for TorchRec's ModelDeltaTracker, which reports the same rows; see ../shared/NOTES.md).
+    """
+
+    def __init__(self, specs: list[SparseFeatureSpec], device: torch.device | str = "cpu") -> None:
+        self.dirty = {spec.name: torch.zeros(spec.num_embeddings, dtype=torch.bool, device=device) for spec in specs}
+
+    def add(self, rows: KeyedJaggedTensor) -> None:
+        for feature, jagged in rows.to_dict().items():
+            self.dirty[feature][jagged.values()] = True
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The touched rows of each table (sorted), and forget them."""
+        out = {}
+        for feature, bitmap in self.dirty.items():
+            out[feature] = bitmap.nonzero().flatten()
+            bitmap.zero_()
+        return out

@@ -6,6 +6,7 @@ always calls the `ranker` version it was exported with):
     REPO/ranker/config.pbtxt            generated from the contract (gpurec.serve.model_config)
     REPO/ranker/N/model.pt              TorchScript: remap + DLRM + combined score (artifact.py)
     REPO/ranker/N/model.py              triton_models/ranker/model.py (python backend)
+    REPO/ranker/N/gpurec_deltas.py      gpurec/sync/deltafile.py: reads and applies parameter deltas
     REPO/ranker/N/contract.json         inputs, order, dtypes, tasks, score weights
     REPO/recommend/config.pbtxt
     REPO/recommend/N/model.py           triton_models/recommend/model.py (BLS -> ranker N, top-k)
@@ -57,11 +58,13 @@ from gpurec.serve.model_config import (
     ranker_config,
     recommend_config,
 )
+from gpurec.sync import deltafile
 
 TRITON_MODELS = Path(__file__).resolve().parents[2] / "triton_models"
 """The python-backend model code, kept at the repository root (a source checkout / editable install)."""
 
 MODELS = (RANKER_MODEL, RECOMMEND_MODEL, FEED_MODEL)
+DELTA_CODE = "gpurec_deltas.py"  # beside the ranker's model.py: gpurec/sync/deltafile.py
 DEFAULT_MAX_BATCH_SIZE = 1024
 CHECK_TOLERANCE = 1e-5
 
@@ -223,6 +226,7 @@ def export_repository(
             shutil.copy2(model_code[name], directory / "model.py")
             contract.save(directory / CONTRACT_FILE)
         artifact = save_artifact(scripted, staged[RANKER_MODEL])
+        shutil.copy2(deltafile.__file__, staged[RANKER_MODEL] / DELTA_CODE)  # the ranker applies deltas with it
         max_diff = _check_artifact(artifact, model, remap, contract)
         for name, directory in staged.items():
             (repo / name).mkdir(exist_ok=True)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 FEATURE_STORE_ENV: Final = "GPUREC_FEATURE_STORE"
 EVENT_LOG_ENV: Final = "GPUREC_EVENT_LOG"
+SYNC_DIR_ENV: Final = "GPUREC_SYNC_DIR"  # the ranker's parameter deltas (triton_models/ranker/model.py)
 _PASS_THROUGH = ("redis", "rediss", "unix", "kafka")
 
 

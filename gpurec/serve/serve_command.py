@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=positive_float, default=180.0, help="seconds to wait for the server to be ready")
     parser.add_argument("--feature-store", default=None, help="the feed's feature store, overriding feed/config.pbtxt")
     parser.add_argument("--event-log", default=None, help="the feed's event log, overriding feed/config.pbtxt")
+    parser.add_argument("--sync-dir", type=Path, default=None, help="parameter deltas the ranker follows in place (gpurec train --online --sync-dir)")
     parser.add_argument("--verbose", action="store_true", help="verbose server log")
     parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON object once ready")
 
@@ -43,7 +44,7 @@ def require_model_repository(repo: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpurec.serve.feed_settings import EVENT_LOG_ENV, FEATURE_STORE_ENV, normalise_url
+    from gpurec.serve.feed_settings import EVENT_LOG_ENV, FEATURE_STORE_ENV, SYNC_DIR_ENV, normalise_url
     from gpurec.serve.server import TritonServer, TritonServerError
 
     require_model_repository(args.repo)
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         env[FEATURE_STORE_ENV] = normalise_url(args.feature_store, "--feature-store")
     if args.event_log is not None:
         env[EVENT_LOG_ENV] = normalise_url(args.event_log, "--event-log")
+    if args.sync_dir is not None:
+        if args.sync_dir.exists() and not args.sync_dir.is_dir():
+            raise InvalidInput(f"--sync-dir {args.sync_dir} is a file, not a directory")
+        env[SYNC_DIR_ENV] = str(args.sync_dir.resolve())
 
     server = TritonServer(
         args.repo,

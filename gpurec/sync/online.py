@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -89,7 +89,12 @@ def examples_digest(examples: list[Example]) -> int:
     return sum(example_key_hash(e) for e in examples) & _MASK
 
 
-StepHook = Callable[[Trainer, TrainerState, list[Example]], None]
+class StepListener(Protocol):
+    """Told after every step (parameter sync publishes from here) and once at the end."""
+
+    def after_step(self, trainer: Trainer, state: TrainerState, examples: list[Example]) -> None: ...
+
+    def finish(self, state: TrainerState) -> dict[str, Any]: ...
 
 
 def train_online(
@@ -102,7 +107,7 @@ def train_online(
     drain: bool = False,
     stop: threading.Event | None = None,
     progress: bool = True,
-    after_step: StepHook | None = None,
+    listener: Callable[[Trainer], StepListener] | None = None,
 ) -> dict[str, Any]:
     """Train on `examples` until stopped (or, with `drain`, until none are left); return a report.
 
@@ -130,6 +135,7 @@ def train_online(
     loaded = trainer.resume(source)
     state = loaded if own is not None else TrainerState(run=run)
     state.run = run
+    listening = listener(trainer) if listener is not None else None
 
     partitions = log.partitions(settings.topic)
     start = log.start_offsets(settings.topic)
@@ -173,8 +179,8 @@ def train_online(
                 state.samples += len(examples)
                 state.digest = (state.digest + examples_digest(examples)) & _MASK
                 trained += len(examples)
-                if after_step is not None:
-                    after_step(trainer, state, mine)
+                if listening is not None:
+                    listening.after_step(trainer, state, mine)
             state.offsets = {f"{settings.topic}/{p}": o for p, o in feed.positions.items()}
             bar.update(len(taken))
             bar.set_postfix(step=state.step, lag=feed.lag() if ctx.is_main else 0, refresh=False)
@@ -186,6 +192,7 @@ def train_online(
         if plan is None:
             time.sleep(settings.poll_s)
     bar.close()
+    synced = listening.finish(state) if listening is not None else {}
     if checkpoint is None:  # nothing trained, nothing saved: still leave a resumable checkpoint
         checkpoint = _checkpoint(out_dir, trainer, state, log, settings, ctx.is_main)
     seconds = time.perf_counter() - started
@@ -203,6 +210,7 @@ def train_online(
         "started_from": str(source),
         "world_size": ctx.world_size,
         **scores.report(),
+        **synced,
     }
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

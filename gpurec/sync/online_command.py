@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=non_negative_int, default=0, help="stop after this many steps in total (0: no limit)")
     parser.add_argument("--group", default="trainer", help="consumer group whose committed offsets show the lag")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override the starting run's device")
+    parser.add_argument("--sync-dir", type=Path, default=None, help="publish parameter deltas here for the served ranker (gpurec serve --sync-dir)")
+    parser.add_argument("--sync-every-s", type=positive_float, default=5.0, help="seconds between deltas of touched embedding rows and id-map slots")
+    parser.add_argument("--dense-every-s", type=positive_float, default=60.0, help="seconds between dense-weight deltas")
+    parser.add_argument("--snapshot-every", type=positive_int, default=100, help="deltas between full snapshots (older files are deleted)")
     parser.add_argument("--drain", action="store_true", help="train until no example is left, checkpoint, stop")
     parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
 
@@ -44,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     output_dir(args.out, "--out")
     import dataclasses
 
+    from gpurec.errors import InvalidInput
     from gpurec.model.checkpoint import find_checkpoint, latest_checkpoint, read_trained_run
     from gpurec.stream.log import open_event_log
     from gpurec.sync.online import OnlineSettings, train_online
+    from gpurec.sync.publish import DeltaPublisher
     from gpurec.train.config import TrainConfig
 
     settings = OnlineSettings(
@@ -64,9 +70,30 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if args.sync_dir is not None and args.sync_dir.exists() and not args.sync_dir.is_dir():
+        raise InvalidInput(f"--sync-dir {args.sync_dir} is a file, not a directory")
     with open_event_log(args.log) as log:
+
+        def publisher(trainer):
+            return DeltaPublisher(
+                trainer,
+                args.sync_dir,
+                rows_every_s=args.sync_every_s,
+                dense_every_s=args.dense_every_s,
+                snapshot_every=args.snapshot_every,
+                log=log,
+            )
+
         report = train_online(
-            log, args.out, settings, train_config, init=args.init, drain=args.drain, stop=stop, progress=not args.json
+            log,
+            args.out,
+            settings,
+            train_config,
+            init=args.init,
+            drain=args.drain,
+            stop=stop,
+            progress=not args.json,
+            listener=publisher if args.sync_dir is not None else None,
         )
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(report) if args.json else _human(report))

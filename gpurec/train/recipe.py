@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gpurec.embedding.config import aligned_rows
 from gpurec.embedding.idmap import IdMap, id_map_for
-from gpurec.embedding.rows import RowReinitializer
+from gpurec.embedding.rows import RowReinitializer, TouchedRows
 from gpurec.embedding.tables import SparseFeatureSpec
 from gpurec.errors import InvalidInput
 from gpurec.model.checkpoint import (
@@ -94,11 +94,14 @@ class Trainer:
     ids: IdMap
     reinit: RowReinitializer
     run: TrainedRun
+    touched: TouchedRows | None = None  # set by parameter sync: the rows each step reads
 
     def rows_of(self, batch: TimedBatch) -> KeyedJaggedTensor:
         """The batch's ids as table rows; rows handed to new ids start from their initial value."""
         rows, admitted = self.ids.assign(batch.sparse_features, batch.event_time_ms)
         self.reinit.apply(admitted)
+        if self.touched is not None:
+            self.touched.add(rows)
         return rows
 
     def step(self, batch: TimedBatch) -> StepResult:

@@ -11,11 +11,22 @@ forward pass and split back. Inputs per row, in `contract.json` order: `dense` F
 INT64 [1] per single-valued sparse feature, and each multi-valued feature as INT64 [K] padded
 with -1 (requests may use different K; they are padded to the widest). Outputs: FP32 [1] per task
 probability and `score`.
+
+Parameter sync: when the server's environment names a sync directory (`GPUREC_SYNC_DIR`, set by
+`gpurec serve --sync-dir`), `initialize` loads its newest snapshot and the deltas after it before
+the model reports ready, and a background thread applies every new delta in place (the module's
+tensors, `index_copy_`) under the same lock `execute` holds while scoring, so a request sees all of
+a delta or none. The code that reads and applies deltas is `gpurec_deltas.py`, copied next to this
+file by export (gpurec/sync/deltafile.py). The gauge `gpurec_ranker_sync_version` reports the seq
+served, counters the deltas applied and refused (corrupt, torn, out of sequence).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +54,53 @@ class TritonPythonModel:
         self.multi = list(self.contract["multi_valued_features"])
         self.outputs = [*self.contract["tasks"], "score"]
         self.pad_id = int(self.contract["pad_id"])
+        self.lock = threading.Lock()  # scoring and applying deltas never interleave
+        self.applier = None
+        sync_dir = os.environ.get("GPUREC_SYNC_DIR", "")
+        if sync_dir:
+            self._start_sync(version_dir, Path(sync_dir), args.get("model_instance_name", "ranker"))
+
+    def _start_sync(self, version_dir: Path, sync_dir: Path, instance: str) -> None:
+        sys.path.insert(0, str(version_dir))
+        import gpurec_deltas
+
+        labels = {"model": "ranker", "instance": instance}  # each instance applies every delta itself
+        family = pb_utils.MetricFamily
+        specs = {
+            "version": ("gpurec_ranker_sync_version", "seq of the last parameter delta applied (-1: none)", family.GAUGE),
+            "applied": ("gpurec_ranker_sync_applied_total", "parameter deltas applied", family.COUNTER),
+            "refused": ("gpurec_ranker_sync_refused_total", "deltas refused: corrupt, torn or out of sequence", family.COUNTER),
+            "reloads": ("gpurec_ranker_sync_reloads_total", "reloads from a snapshot", family.COUNTER),
+        }
+        # A family must outlive its metrics (Triton refuses updates otherwise): keep both.
+        self.metric_families = {key: family(name=name, description=text, kind=kind) for key, (name, text, kind) in specs.items()}
+        self.metrics = {key: fam.Metric(labels=labels) for key, fam in self.metric_families.items()}
+        self.applier = gpurec_deltas.DeltaApplier(self.module, sync_dir, self.lock)
+        self.applier.poll()  # serve the newest parameters from the first request on
+        self._report_sync()
+        self._sync_stop = threading.Event()
+        self._sync_thread = threading.Thread(target=self._follow_deltas, name="gpurec-ranker-sync", daemon=True)
+        self._sync_thread.start()
+
+    def _follow_deltas(self) -> None:
+        while not self._sync_stop.wait(0.005):
+            try:
+                if self.applier.poll():
+                    self._report_sync()
+            except Exception as err:  # a bad delta never stops serving; it is counted and logged
+                self.applier.refused += 1
+                self._report_sync()
+                pb_utils.Logger.log_warn(f"ranker: parameter delta not applied: {type(err).__name__}: {err}")
+
+    def _report_sync(self) -> None:
+        applier = self.applier
+        self.metrics["version"].set(applier.version)
+        for name in ("applied", "refused", "reloads"):
+            total = getattr(applier, name)
+            reported = getattr(self, f"_reported_{name}", 0)
+            if total > reported:
+                self.metrics[name].increment(total - reported)
+                setattr(self, f"_reported_{name}", total)
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
@@ -101,9 +159,12 @@ class TritonPythonModel:
             width = max(1, *(a[name].shape[1] for a in batch))
             padded = [np.pad(a[name], ((0, 0), (0, width - a[name].shape[1])), constant_values=self.pad_id) for a in batch]
             multi.append(torch.from_numpy(np.concatenate(padded).astype(np.int64, copy=False)).to(self.device))
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             out = self.module(torch.from_numpy(dense).to(self.device), torch.from_numpy(single).to(self.device), multi)
-        return {name: out[name].to("cpu", torch.float32).numpy() for name in self.outputs}
+            return {name: out[name].to("cpu", torch.float32).numpy() for name in self.outputs}
 
     def finalize(self) -> None:
+        if self.applier is not None:
+            self._sync_stop.set()
+            self._sync_thread.join(timeout=5)
         self.module = None
