@@ -31,7 +31,8 @@ demo: setup
 		--feature-store sqlite:///$(DEMO)/live/features.db --event-log sqlite:///$(DEMO)/live/log.db
 	@# Starts Triton on the repository, asks for 3 users' top 5 of 50 candidates, always stops it.
 	$(BIN)/gpurec recommend --repo $(DEMO)/repo --features $(DEMO)/features --users 3 --candidates 50 --k 5
-	@# The live path for a minute: Triton with the feed, the joiner, simulated users; all stopped at the end.
+	@# The live loop for a minute: Triton with the feed (its ranker following parameter deltas), the joiner,
+	@# the online trainer, simulated users; all stopped at the end.
 	$(BIN)/gpurec demo --out $(DEMO) --live-seconds 60
 	@echo "demo: raw logs, features + manifest, checkpoints + metrics, Triton model repository, live event log + feature store under $(DEMO)/"
 

@@ -5,11 +5,15 @@
 
 Each batch stage runs only when its output is missing under --out (so `make demo` can show them one
 by one first): generate -> preprocess -> train -> evaluate -> export (the feed pointed at an
-embedded feature store and event log under OUT/live). Then the live path, for --live-seconds:
-tritonserver with the feed (started by `gpurec simulate`), `gpurec join` keeping examples and the
-online counters current, and simulated users from the same world requesting feeds and acting on
-what they were shown. At the end the joiner drains (every window closes) and the figures are
-printed: feed latency, requests/s, examples joined, late / duplicate / dead-letter counts, and where
+embedded feature store and event log under OUT/live). Then the live loop, for --live-seconds:
+tritonserver with the feed (started by `gpurec simulate`, its ranker following the parameter
+deltas), `gpurec join` keeping examples and the online counters current, `gpurec train --online`
+learning from the examples and publishing deltas every second, and simulated users from the same
+world requesting feeds and acting on what they were shown. At the end the joiner drains (every
+window closes), the trainer trains what is left, and the figures are printed: feed latency,
+requests/s, examples joined, late / duplicate / dead-letter counts, examples trained, deltas
+served, freshness (action -> served score) p50/p95, online vs frozen like-AUC on the same live
+examples (each scored before the online model trained on it), table occupancy, and where
 everything went. Every process it starts is stopped, by PID, also on Ctrl-C.
 
 A driver like `gpurec.cli`: it runs the stages' own commands as child processes, one after
@@ -33,6 +37,10 @@ from gpurec.errors import GpurecError, InvalidInput
 
 JOINER_PARTITIONS = 4
 WINDOW_S = 600  # event-time join window: a simulated 10 minutes
+# The online trainer in the demo: small batches and a 1 s sync interval, so what users do shows in
+# their feeds within seconds (on 2 cores shared with the server, the joiner and the users).
+ONLINE_SETTINGS = ["--batch-size", "128", "--linger-s", "0.5", "--sync-every-s", "1", "--dense-every-s", "10",
+                   "--checkpoint-every-s", "15"]  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,36 +89,88 @@ def run(args: argparse.Namespace) -> int:
                "--feature-store", store_url, "--event-log", log_url)  # fmt: skip
 
     live.mkdir(parents=True, exist_ok=True)
+    online, sync_dir = out / "online", live / "sync"
+    _create_topics(log_url)  # before the joiner and the trainer start reading them
     join_args = ["join", "--log", log_url, "--feature-store", store_url, "--time-scale", str(args.speedup),
-                 "--window-s", str(WINDOW_S), "--grace-s", str(WINDOW_S), "--idle-s", str(60),
-                 "--create-partitions", str(JOINER_PARTITIONS)]  # fmt: skip
-    print(f"$ gpurec {' '.join(join_args)} &", file=show, flush=True)
-    joiner_log = (live / "joiner.log").open("w")
-    joiner = subprocess.Popen(
-        [sys.executable, "-m", "gpurec.cli", *join_args, "--json"],
-        stdout=joiner_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+                 "--window-s", str(WINDOW_S), "--grace-s", str(WINDOW_S), "--idle-s", str(60)]  # fmt: skip
+    online_args = ["train", "--online", "--from", log_url, "--init", str(train_dir), "--out", str(online),
+                   "--sync-dir", str(sync_dir), *ONLINE_SETTINGS]  # fmt: skip
+    background = []
     try:
+        for argv, name in ((join_args, "joiner"), (online_args, "trainer")):
+            print(f"$ gpurec {' '.join(argv)} &", file=show, flush=True)
+            background.append(_start(argv, live / f"{name}.log"))
+        _wait_for_first_delta(background[-1][0], sync_dir, live / "trainer.log")
         simulated = json.loads(
             gpurec("simulate", "--repo", str(repo), "--log", log_url, "--feature-store", store_url,
                    "--world", str(raw), "--users", str(args.live_users), "--rate", str(args.rate),
                    "--duration", str(args.live_seconds), "--speedup", str(args.speedup),
-                   "--partitions", str(JOINER_PARTITIONS), "--json", capture=True).strip().splitlines()[-1]
+                   "--partitions", str(JOINER_PARTITIONS), "--sync-dir", str(sync_dir), "--json",
+                   capture=True).strip().splitlines()[-1]
         )  # fmt: skip
     finally:
-        _stop(joiner)
-        joiner_log.close()
-    # Close every window that the traffic opened: the drained joiner's report has the totals.
+        for process, log_file in background:
+            _stop(process)  # SIGTERM: the joiner commits its step, the trainer checkpoints
+            log_file.close()
+    # Close every window that the traffic opened (the drained joiner's report has the totals), then
+    # train what is left, so both models are compared on all of the live examples.
     joined = json.loads(
         gpurec("join", "--log", log_url, "--feature-store", store_url, "--window-s", str(WINDOW_S),
                "--grace-s", str(WINDOW_S), "--drain", "--json", capture=True).strip().splitlines()[-1]
     )  # fmt: skip
-    summary = _summary(simulated, joined, out, log_url, store_url)
+    trained = json.loads(gpurec(*online_args, "--drain", "--json", capture=True).strip().splitlines()[-1])
+    compared = _online_vs_frozen(log_url, online, train_dir)
+    summary = _summary(simulated, joined, trained, compared, out, log_url, store_url)
     if args.json:
         print(json.dumps(summary))
     else:
         _print(summary)
     return 0
+
+
+def _create_topics(log_url: str) -> None:
+    from gpurec.stream.join import ensure_topics
+    from gpurec.stream.log import open_event_log
+
+    with open_event_log(log_url) as log:
+        ensure_topics(log, JOINER_PARTITIONS)
+
+
+def _start(argv: list[str], log_path: Path) -> tuple[subprocess.Popen, Any]:
+    """A long-running stage in its own process group (so a hang can be killed whole), output to a file."""
+    log_file = log_path.open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two cores shared with the server and the users
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpurec.cli", *argv, "--json"],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )  # fmt: skip
+    return process, log_file
+
+
+def _wait_for_first_delta(trainer: subprocess.Popen, sync_dir: Path, log_path: Path, timeout_s: float = 300.0) -> None:
+    """Traffic starts once the trainer has published its first snapshot (it is loaded and
+    following the log), so its start-up (importing torch, loading the checkpoint) does not compete
+    with the first feed requests for the two cores."""
+    from gpurec.sync.deltafile import list_deltas
+
+    deadline = time.monotonic() + timeout_s
+    while not list_deltas(sync_dir):
+        if trainer.poll() is not None:
+            raise GpurecError(f"the online trainer stopped (exit {trainer.returncode}); see {log_path}")
+        if time.monotonic() > deadline:
+            raise GpurecError(f"the online trainer published nothing in {timeout_s:.0f} s; see {log_path}")
+        time.sleep(0.2)
+
+
+def _online_vs_frozen(log_url: str, online: Path, frozen: Path) -> dict[str, Any]:
+    from gpurec.model.library_warnings import quiet_library_warnings
+    from gpurec.stream.log import open_event_log
+    from gpurec.sync.progressive import online_vs_frozen
+
+    quiet_library_warnings()
+
+    with open_event_log(log_url) as log:
+        return online_vs_frozen(log, online, frozen)
 
 
 def _stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -125,9 +185,18 @@ def _stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
         process.wait()
 
 
-def _summary(simulated: dict[str, Any], joined: dict[str, Any], out: Path, log_url: str, store_url: str) -> dict[str, Any]:
+def _summary(
+    simulated: dict[str, Any],
+    joined: dict[str, Any],
+    trained: dict[str, Any],
+    compared: dict[str, Any],
+    out: Path,
+    log_url: str,
+    store_url: str,
+) -> dict[str, Any]:
     counters = joined.get("counters", {})
     dead = counters.get("dead_letters", {})
+    tables = trained.get("id_tables") or {}
     return {
         "requests": simulated.get("requests", 0),
         "requests_per_s": simulated.get("achieved_rate"),
@@ -143,10 +212,26 @@ def _summary(simulated: dict[str, Any], joined: dict[str, Any], out: Path, log_u
         "non_consenting_rows": counters.get("non_consenting", 0),
         "feed_p50_ms": simulated.get("feed_p50_ms"),
         "feed_p99_ms": simulated.get("feed_p99_ms"),
+        "serve_p50_ms": simulated.get("feed_p50_ms"),  # what a user waits for a feed, sync running
+        "serve_p99_ms": simulated.get("feed_p99_ms"),
+        "auc_online": compared.get("auc_online_like"),  # like-AUC, progressive: scored before trained on
+        "auc_frozen": compared.get("auc_frozen_like"),  # the batch model it started from, same examples
+        "auc_online_finish": compared.get("auc_online_finish"),
+        "auc_frozen_finish": compared.get("auc_frozen_finish"),
+        "examples_scored": compared.get("examples_scored", 0),
+        "examples_trained": trained.get("examples_total", 0),
+        "freshness_p50_s": simulated.get("freshness_p50_s"),
+        "freshness_p95_s": simulated.get("freshness_p95_s"),
+        "freshness_breakdown_p50_s": simulated.get("freshness_breakdown_p50_s"),
+        "deltas_applied": simulated.get("deltas_served", 0),
+        "table_occupancy": {name: round(t["occupancy"], 4) for name, t in tables.items()},
         "errors": simulated.get("errors", {}),
         "event_log": log_url,
         "feature_store": store_url,
         "joiner_log": str(out / "live" / "joiner.log"),
+        "trainer_log": str(out / "live" / "trainer.log"),
+        "online_run": str(out / "online"),
+        "sync_dir": str(out / "live" / "sync"),
         "repo": str(out / "repo"),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -162,6 +247,17 @@ def _print(s: dict[str, Any]) -> None:
         f"join: {s['examples']:,} examples ({s['positives']:,} positive), {s['late_actions']:,} late and "
         f"{s['duplicate_actions']:,} duplicate actions, {s['dead_letter']:,} dead letters {s['dead_letter_by_reason']}, "
         f"{s['non_consenting_rows']:,} rows of users without training consent\n"
-        f"where: event log {s['event_log']} (topics items, served, actions, examples, joiner.dead_letter), "
-        f"feature store {s['feature_store']}, joiner log {s['joiner_log']}, model repository {s['repo']}"
+        f"loop: {s['examples_trained']:,} examples trained online, {s['deltas_applied']:,} deltas served; "
+        f"freshness (action -> served score) p50 {_num(s['freshness_p50_s'])} s, p95 {_num(s['freshness_p95_s'])} s "
+        f"{s['freshness_breakdown_p50_s'] or ''}\n"
+        f"like-AUC on the {s['examples_scored']:,} live examples, each scored before it was trained on: "
+        f"online {_num(s['auc_online'])}, frozen batch model {_num(s['auc_frozen'])}; "
+        f"id-table occupancy {s['table_occupancy']}\n"
+        f"where: event log {s['event_log']} (topics items, served, actions, examples, joiner.dead_letter, sync), "
+        f"feature store {s['feature_store']}, joiner log {s['joiner_log']}, trainer log {s['trainer_log']}, "
+        f"online run {s['online_run']}, deltas {s['sync_dir']}, model repository {s['repo']}"
     )
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

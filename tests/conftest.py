@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from gpurec.data.generate import generate_synthetic
 from gpurec.data.world import WorldConfig
-from gpurec.preprocess.manifest import load_manifest
 from gpurec.preprocess.run import preprocess
 from gpurec.serve.server import TritonServer
 from gpurec.stream.log import Record, open_event_log
-from gpurec.stream.records import Example, ModelInputs, ServedRow, encode, encode_inputs
-from gpurec.sync.examples import EXAMPLES_TOPIC
+from gpurec.stream.records import Example, encode
+from gpurec.sync.examples import EXAMPLES_TOPIC, examples_from_features
 from gpurec.train.config import load_configs
 from gpurec.train.recipe import train
 
@@ -49,31 +47,6 @@ def train_small(features: Path, out: Path, **overrides) -> dict:
     """Train the small ranker (tests/configs/small.toml, `[train]` overrides as keywords)."""
     model_config, train_config = load_configs(SMALL_CONFIG, **overrides)
     return train(features, out, model_config, train_config, progress=False)
-
-
-def examples_from_features(features: Path, split: str, limit: int | None = None) -> list[Example]:
-    """The split's rows as joiner examples: served inputs = the feature row, labels = its labels."""
-    manifest = load_manifest(features)
-    table = pq.read_table(manifest.split_files(split, features)).to_pylist()
-    dense = [f.column for f in manifest.dense_features]
-    sparse = [(f.name, f.column) for f in manifest.sparse_features]
-    out = []
-    for row in table[:limit]:
-        ids = {name: tuple(row[col]) if isinstance(row[col], list) else (row[col],) for name, col in sparse}
-        served = ServedRow(
-            request_id=row["request_id"],
-            item_id=row["item_id"],
-            user_id=row["user_id"],
-            ts_ms=int(row["ts"].timestamp() * 1000),
-            position=row["position"],
-            model_version="test",
-            duration_ms=0,
-            consent_training=True,
-            inputs=encode_inputs(ModelInputs(tuple(float(row[c]) for c in dense), ids)),
-        )
-        like, finish = bool(row["like"]), bool(row["finish"])
-        out.append(Example(served, like, finish, False, False, False, False, 0, int(like or finish), False))
-    return out
 
 
 def fill_examples(url: str, examples: list[Example], partitions: int = 2) -> None:

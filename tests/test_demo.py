@@ -1,4 +1,5 @@
-"""`gpurec demo --json` on a tiny world: the batch stages, then the live feed, joiner and simulated users."""
+"""`gpurec demo --json` on a tiny world: the batch stages, then the live loop (feed, joiner, online
+trainer, parameter sync) with simulated users."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def test_demo_runs_the_live_path_and_accounts_for_every_served_row(tmp_path):
     assert summary["actions"] > 0 and summary["feed_p50_ms"] > 0
     # Every served row became one example, or was withheld for lack of training consent.
     assert summary["examples"] + summary["non_consenting_rows"] == summary["served_rows"]
+    # The loop closed: every example was trained online, deltas reached the server, and both models
+    # were scored on the same live examples (each before the online model trained on it).
+    assert summary["examples_trained"] == summary["examples_scored"] == summary["examples"]
+    assert summary["deltas_applied"] > 0 and summary["freshness_p50_s"] > 0
+    assert summary["freshness_p95_s"] >= summary["freshness_p50_s"]
+    for key in ("auc_online", "auc_frozen", "serve_p50_ms", "serve_p99_ms", "table_occupancy"):
+        assert key in summary, key
     # Stage output went to stderr; stdout is the one JSON object.
     assert len(proc.stdout.strip().splitlines()) == 1 and "gpurec simulate" in proc.stderr
     # Every process it started is gone: no joiner or server left on this demo's files.

@@ -25,6 +25,7 @@ from gpurec.preprocess.manifest import load_manifest
 from gpurec.stream.log import open_event_log
 from gpurec.sync.examples import EXAMPLES_TOPIC, ExampleFeed
 from gpurec.sync.online import OnlineSettings, examples_digest, train_online
+from gpurec.sync.progressive import load_progressive, online_vs_frozen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,10 @@ def test_drain_trains_every_example_once_and_scores_before_training(tmp_path, ba
     assert 0.5 < report["auc_like"] < 1.0  # progressive validation of a model that learnt something
     state = read_trainer_state(latest_checkpoint(tmp_path / "online"))
     assert state.samples == len(valid_examples) and state.run.resumed_from == str(latest_checkpoint(batch_run))
+    with open_event_log(url) as log:
+        compared = online_vs_frozen(log, tmp_path / "online", batch_run)
+    assert compared["examples_scored"] == len(valid_examples)
+    assert compared["auc_online_like"] == report["auc_like"] and 0.5 < compared["auc_frozen_like"] < 1.0
     # The model changed from the batch run's, and only through training.
     before, after = load_trained_model(batch_run).model, load_trained_model(tmp_path / "online").model
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
@@ -108,6 +113,8 @@ def test_kill9_at_random_points_trains_every_example_exactly_once(tmp_path, batc
     state = read_trainer_state(latest_checkpoint(tmp_path / "killed"))
     assert state.samples == len(valid_examples)
     assert state.digest == examples_digest(valid_examples) == report["digest"]
+    scored = load_progressive(tmp_path / "killed")["where"]  # each example's pre-update score once too
+    assert len(scored) == len({tuple(w) for w in scored.tolist()}) == len(valid_examples)
 
     whole = _trainer(url, tmp_path / "whole", batch_run)
     whole.communicate(timeout=300)

@@ -99,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="feed requests outstanding at once (default: 16)",
     )
+    parser.add_argument(
+        "--sync-dir",
+        type=Path,
+        default=None,
+        help="parameter deltas the started server's ranker follows; also measures freshness (action -> served score)",
+    )
     parser.add_argument("--json", action="store_true", help="no progress bar; end with one JSON object")
 
 
@@ -132,9 +138,15 @@ def run(args: argparse.Namespace) -> int:
     from gpurec.client.simulate_log import prepare
     from gpurec.client.simulate_run import Simulation, SimulationSettings
     from gpurec.features import open_feature_store
-    from gpurec.serve.feed_settings import EVENT_LOG_ENV, FEATURE_STORE_ENV, normalise_url
+    from gpurec.serve.feed_settings import EVENT_LOG_ENV, FEATURE_STORE_ENV, SYNC_DIR_ENV, normalise_url
     from gpurec.serve.server import TritonServer, TritonServerError
     from gpurec.stream.log import open_event_log
+    from gpurec.sync.freshness import FreshnessProbe
+
+    if args.sync_dir is not None and args.url is not None:
+        raise InvalidInput("--sync-dir is given to the server simulate starts: leave out --url")
+    if args.sync_dir is not None and args.sync_dir.exists() and not args.sync_dir.is_dir():
+        raise InvalidInput(f"--sync-dir {args.sync_dir} is a file, not a directory")
 
     contract = _check_repo(args.repo)
     log_url, store_url = (
@@ -158,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--users {users} is more than the world's {config.users} users")
     live = LiveWorld(config, users, args.seed)
     stop, traffic = threading.Event(), threading.Event()
-    server = None
+    server = probe = None
     previous = _install_stop_handlers(stop, traffic)
     try:
         with open_event_log(log_url) as log, open_feature_store(store_url) as store:
@@ -168,9 +180,14 @@ def run(args: argparse.Namespace) -> int:
             served_before = _served_end(log)
             url = args.url
             if url is None:
-                server = TritonServer(args.repo, env={EVENT_LOG_ENV: log_url, FEATURE_STORE_ENV: store_url})
+                env = {EVENT_LOG_ENV: log_url, FEATURE_STORE_ENV: store_url}
+                if args.sync_dir is not None:
+                    env[SYNC_DIR_ENV] = str(args.sync_dir.resolve())
+                server = TritonServer(args.repo, env=env)
                 print(f"gpurec simulate: starting tritonserver on {args.repo} ...", file=sys.stderr)
                 server.start()
+                if args.sync_dir is not None:
+                    probe = FreshnessProbe(server.metrics_url, args.sync_dir).start()
                 url = server.grpc_url if args.protocol == "grpc" else server.http_url
                 print(
                     f"gpurec simulate: started tritonserver (pid {server.pid}, {args.protocol}://{url})",
@@ -199,11 +216,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpurec simulate: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     finally:
+        if probe is not None:
+            probe.stop()
         if server is not None:
             code = server.stop()
             print(f"gpurec simulate: stopped tritonserver (exit code {code})", file=sys.stderr)
         _restore_handlers(previous)
     result = report.to_json()
+    if probe is not None:
+        speedup = args.speedup
+
+        def wall_at(event_ms: int) -> float:
+            return report.wall_start + (event_ms - report.start_ms) / (1000.0 * speedup)
+
+        result.update(probe.report(wall_at))
     if args.json:
         print(json.dumps(result))
     else:

@@ -99,6 +99,7 @@ class SimulationReport:
     wall_s: float = 0.0
     start_ms: int = 0
     end_ms: int = 0
+    wall_start: float = 0.0  # time.monotonic() when event time was start_ms (the run's EventClock)
     join_lag: int | None = None  # records of served + actions the joiner group has not committed
     interrupted: bool = False
     fatal: str = ""  # why the run stopped early (the server has no feed model, ...)
@@ -226,6 +227,7 @@ class Simulation:
         report = self.report
         report.start_ms, report.end_ms, report.catalogue = start_ms, start_ms, catalogue
         clock = EventClock(start_ms, self.settings.speedup)
+        report.wall_start = clock.wall_start
         producer = self._producer = ActionProducer(self.log, clock, report).start()
         background_stop = threading.Event()
         background = threading.Thread(

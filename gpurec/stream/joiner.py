@@ -318,7 +318,7 @@ class Joiner:
                     )
                     # _example inlined: this loop runs once per served row.
                     out.append(Example(served, row.like, finish, row.share, row.comment, row.follow, row.skip,
-                                       watch_ms, actions, False))  # fmt: skip
+                                       watch_ms, actions, False, row.last_action_ms))  # fmt: skip
                 ends = deadline + grace
                 if not grace_queue or grace_queue[-1][0] <= ends:
                     grace_queue.append((ends, key))
@@ -459,6 +459,8 @@ def _merge(row: RowState, action: Action) -> None:
         row.skip = True
     if action.watch_ms > row.watch_ms:
         row.watch_ms = action.watch_ms
+    if action.ts_ms > row.last_action_ms:
+        row.last_action_ms = action.ts_ms
 
 
 def _example(row: RowState, served: ServedRow, correction: bool) -> Example:
@@ -466,7 +468,7 @@ def _example(row: RowState, served: ServedRow, correction: bool) -> Example:
     actions, watch_ms = row.actions, row.watch_ms
     finish = actions > 0 and watch_ms * FINISH_DENOMINATOR >= served.duration_ms * FINISH_NUMERATOR
     return Example(
-        served, row.like, finish, row.share, row.comment, row.follow, row.skip, watch_ms, actions, correction
+        served, row.like, finish, row.share, row.comment, row.follow, row.skip, watch_ms, actions, correction, row.last_action_ms
     )
 
 

@@ -34,6 +34,7 @@ class RowState(msgspec.Struct, array_like=True, gc=False):
     skip: bool = False
     watch_ms: int = 0
     action_ids: tuple[int, ...] = ()  # every action_id seen for this key, for duplicate detection
+    last_action_ms: int = 0  # event time of the newest action merged (freshness is measured from it)
 
 
 class EarlyAction(msgspec.Struct, array_like=True, gc=False):

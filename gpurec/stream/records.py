@@ -109,6 +109,8 @@ class Example(msgspec.Struct, frozen=True, array_like=True, gc=False):
     watch_ms: NonNegative
     actions: NonNegative
     correction: bool
+    last_action_ms: Int64 = 0
+    """Event time of the newest action merged (0: none): where freshness is measured from."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -175,3 +176,37 @@ def check_fits(example: Example, run: TrainedRun) -> str:
     except InvalidInput as error:
         return str(error)
     return ""
+
+
+def examples_from_features(features: str | Path, split: str, limit: int | None = None, model_version: str = "replay") -> list[Example]:
+    """A preprocessed split's rows as the joiner's examples, in file order: the served inputs are
+    the feature row (preprocessing computes them point-in-time, as the online store serves them),
+    the labels its labels. For replaying a dataset through online training and for tests."""
+    import pyarrow.parquet as pq
+
+    from gpurec.preprocess.manifest import load_manifest
+    from gpurec.stream.records import ModelInputs, ServedRow, encode_inputs
+
+    manifest = load_manifest(features)
+    table = pq.read_table(manifest.split_files(split, features)).slice(0, limit).to_pylist()
+    dense = [f.column for f in manifest.dense_features]
+    sparse = [(f.name, f.column) for f in manifest.sparse_features]
+    labels = list(manifest.label_names)
+    out = []
+    for row in table:
+        ids = {name: tuple(row[col]) if isinstance(row[col], list) else (row[col],) for name, col in sparse}
+        served = ServedRow(
+            request_id=row["request_id"],
+            item_id=row["item_id"],
+            user_id=row["user_id"],
+            ts_ms=int(row["ts"].timestamp() * 1000),
+            position=row["position"],
+            model_version=model_version,
+            duration_ms=0,
+            consent_training=True,
+            inputs=encode_inputs(ModelInputs(tuple(float(row[c]) for c in dense), ids)),
+        )
+        flags = {name: bool(row[name]) for name in labels}
+        like, finish = flags.get("like", False), flags.get("finish", False)
+        out.append(Example(served, like, finish, False, False, False, False, 0, int(any(flags.values())), False))
+    return out

@@ -15,8 +15,9 @@ examples trained, which tests compare with the log. The consumer group's committ
 written after each checkpoint for monitoring (lag) only.
 
 Metrics: every step's logits come from the forward pass before its update, so they are scores of
-examples the model has not trained on: progressive validation (the AUC of an online learner),
-reported per task as `auc_<task>`.
+examples the model has not trained on: progressive validation (the AUC of an online learner). They
+are saved with each checkpoint (`gpurec.sync.progressive`), exactly once like the examples, and
+the report's `auc_<task>` covers every example the run has trained.
 
 Multi-rank (torchrun): rank 0 reads the log and plans; the plan is just the positions after the
 batch (`ExampleFeed.plan`), broadcast to every rank, which rebuilds the same merged batch from
@@ -35,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from gpurec.data.hashing_core import splitmix64
@@ -51,9 +50,9 @@ from gpurec.model.checkpoint import (
 from gpurec.stream.log import EventLog, Record
 from gpurec.stream.records import DeadLetter, Example, encode
 from gpurec.sync.examples import EXAMPLES_TOPIC, ExampleFeed, Taken, check_fits, to_batch
+from gpurec.sync.progressive import ProgressiveScores, load_progressive, task_aucs
 from gpurec.train.config import TrainConfig
 from gpurec.train.distributed import init_distributed
-from gpurec.train.metrics import auc
 from gpurec.train.recipe import Trainer, build_trainer
 
 DEAD_LETTER_TOPIC = "trainer.dead_letter"
@@ -141,7 +140,8 @@ def train_online(
     start = log.start_offsets(settings.topic)
     positions = {p: state.offsets.get(f"{settings.topic}/{p}", start[p]) for p in range(partitions)}
     feed = ExampleFeed(log, positions, settings.topic)
-    scores = _Scores(run.model_config.tasks)
+    scores = ProgressiveScores(out_dir, run.model_config.tasks, ctx.rank)
+    scores.forget_after(state.step)  # scores saved ahead of a checkpoint that never completed
     bar = _progress_bar(progress and ctx.is_main)
     stop = stop or threading.Event()
     started, first_step = time.perf_counter(), state.step
@@ -166,15 +166,17 @@ def train_online(
         plan, done, save = _broadcast((plan, done, save), ctx.world_size)
         if plan is not None:
             taken = feed.take_until(plan)
-            examples, letters = _usable(taken, run)
+            usable, letters = _usable(taken, run)
+            examples = [t.example for t in usable]
             invalid += len(letters)
             if ctx.is_main and letters:
                 _dead_letter(log, letters)
             if len(examples) >= ctx.world_size:
                 local = math.ceil(len(examples) / ctx.world_size)
-                mine = examples[ctx.rank * local : (ctx.rank + 1) * local]
+                share = usable[ctx.rank * local : (ctx.rank + 1) * local]
+                mine = [t.example for t in share]
                 result = trainer.step(to_batch(mine, run).to(ctx.device))
-                scores.add(result.logits, mine, run.labels)
+                scores.add(result.logits, share)
                 state.step += 1
                 state.samples += len(examples)
                 state.digest = (state.digest + examples_digest(examples)) & _MASK
@@ -185,6 +187,7 @@ def train_online(
             bar.update(len(taken))
             bar.set_postfix(step=state.step, lag=feed.lag() if ctx.is_main else 0, refresh=False)
         if save or (done and state.step > (_step_of(checkpoint))):
+            scores.save(state.step)  # before the checkpoint: a crash in between leaves files past it
             checkpoint = _checkpoint(out_dir, trainer, state, log, settings, ctx.is_main)
             last_checkpoint = time.monotonic()
         if done:
@@ -209,7 +212,8 @@ def train_online(
         "checkpoint": str(checkpoint),
         "started_from": str(source),
         "world_size": ctx.world_size,
-        **scores.report(),
+        "id_tables": trainer.ids.stats(),
+        **{f"auc_{task}": value for task, value in task_aucs(load_progressive(out_dir), run.model_config.tasks).items()},
         **synced,
     }
     if ctx.is_main:
@@ -218,21 +222,21 @@ def train_online(
     return report
 
 
-def _usable(taken: list[Taken], run) -> tuple[list[Example], list[DeadLetter]]:
-    """The examples this model can train on, and dead letters for the rest (with the reason)."""
-    examples = [t.example for t in taken if t.example is not None]
+def _usable(taken: list[Taken], run) -> tuple[list[Taken], list[DeadLetter]]:
+    """The records this model can train on, and dead letters for the rest (with the reason)."""
+    decoded = [t for t in taken if t.example is not None]
     letters = [DeadLetter("example", "undecodable", t.raw, t.error) for t in taken if t.example is None]
     try:
-        to_batch(examples, run) if examples else None
-        return examples, letters
+        to_batch([t.example for t in decoded], run) if decoded else None
+        return decoded, letters
     except InvalidInput:
         good = []
-        for taken_record, example in ((t, t.example) for t in taken if t.example is not None):
-            reason = check_fits(example, run)
+        for record in decoded:
+            reason = check_fits(record.example, run)
             if reason:
-                letters.append(DeadLetter("example", "does not fit the model", taken_record.raw, reason))
+                letters.append(DeadLetter("example", "does not fit the model", record.raw, reason))
             else:
-                good.append(example)
+                good.append(record)
         return good, letters
 
 
@@ -262,30 +266,6 @@ def _broadcast(value: Any, world_size: int) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class _Scores:
-    """Progressive validation: each step's pre-update scores and labels, kept to compute AUC."""
-
-    def __init__(self, tasks: tuple[str, ...]) -> None:
-        self.tasks = tasks
-        self.scores: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-        self.labels: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-
-    def add(self, logits: dict[str, torch.Tensor], examples: list[Example], label_names: tuple[str, ...]) -> None:
-        for task in self.tasks:
-            self.scores[task].append(logits[task].float().cpu().numpy().reshape(-1))
-            self.labels[task].append(np.array([float(getattr(e, task)) for e in examples], dtype=np.float32))
-
-    def report(self) -> dict[str, float | None]:
-        out: dict[str, float | None] = {}
-        for task in self.tasks:
-            if not self.scores[task]:
-                out[f"auc_{task}"] = None
-                continue
-            labels, scores = np.concatenate(self.labels[task]), np.concatenate(self.scores[task])
-            out[f"auc_{task}"] = round(auc(labels, scores), 4) if 0 < labels.sum() < len(labels) else None
-        return out
 
 
 def _progress_bar(enabled: bool):

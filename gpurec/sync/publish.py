@@ -10,8 +10,11 @@ delta is numbered, written atomically (`deltafile.write_delta`) and, when an eve
 announced on its `sync` topic.
 
 Every delta's header says what it holds: the newest event time of the examples trained into it
-(`newest_event_ms`), the examples trained so far, and when it was written; servers report the seq
-they serve, and freshness is measured from those stamps.
+(`newest_event_ms`), the examples trained so far, when it was written (`created_ms`, and
+`created_mono` on the machine's monotonic clock, which all local processes share), and for a rows
+delta `actions`: each trained example's newest action (event ms) with the monotonic time it was
+trained. Servers report the seq they serve; freshness (`gpurec.sync.freshness`) is measured from
+those stamps.
 
 Sequence numbers continue across restarts (from the newest file in the directory), and a trainer
 that restarts from a checkpoint older than its last delta starts with a snapshot, so a server
@@ -37,6 +40,7 @@ from gpurec.sync.deltafile import Entry, delta_name, list_deltas, write_delta
 from gpurec.train.recipe import Trainer
 
 SYNC_TOPIC = "sync"
+MAX_STAMPED_ACTIONS = 20_000  # per delta header: enough for freshness percentiles, bounded in size
 MODEL_PREFIX = "model."  # the served module wraps the trained DLRM as `model`, its id map as `remap`
 REMAP_PREFIX = "remap."
 
@@ -71,6 +75,7 @@ class DeltaPublisher:
         self.seq = existing[-1][0] if existing else -1
         self.published_slots: dict[str, torch.Tensor] = {}
         self.newest_event_ms = 0
+        self.pending_actions: list[tuple[int, float]] = []  # (newest action's event ms, monotonic time trained)
         self.since_snapshot = 0
         self.counts = {"rows": 0, "dense": 0, "snapshot": 0, "rows_shipped": 0, "slots_shipped": 0}
         now = clock()
@@ -84,6 +89,8 @@ class DeltaPublisher:
     def after_step(self, trainer: Trainer, state: TrainerState, examples: list) -> None:
         if examples:
             self.newest_event_ms = max(self.newest_event_ms, max(e.served.ts_ms for e in examples))
+            trained_at = time.monotonic()
+            self.pending_actions.extend((e.last_action_ms, trained_at) for e in examples if e.last_action_ms > 0)
         self.maybe_publish(state)
 
     def finish(self, state: TrainerState) -> dict[str, Any]:
@@ -99,7 +106,8 @@ class DeltaPublisher:
         if force or now - self.last_rows >= self.rows_every_s:
             entries = self._row_entries() + self._slot_entries()
             if entries:
-                self._publish("rows", entries, state)
+                actions, self.pending_actions = self.pending_actions[-MAX_STAMPED_ACTIONS:], []
+                self._publish("rows", entries, state, {"actions": actions})
             self.last_rows = now
         if self.since_snapshot >= self.snapshot_every:
             self.snapshot(state)
@@ -162,10 +170,12 @@ class DeltaPublisher:
 
     # ---- writing --------------------------------------------------------------------------------
 
-    def _publish(self, kind: str, entries: list[Entry], state: TrainerState) -> Path:
+    def _publish(self, kind: str, entries: list[Entry], state: TrainerState, extra: dict[str, Any] | None = None) -> Path:
         self.seq += 1
         header = {
+            **(extra or {}),
             "created_ms": int(time.time() * 1000),
+            "created_mono": time.monotonic(),
             "newest_event_ms": self.newest_event_ms,
             "examples_trained": state.samples,
             "step": state.step,
