@@ -232,3 +232,34 @@ def serve_with_env(repo, env):
     finally:
         code = server.stop()
     assert code == 0, f"tritonserver did not shut down cleanly (exit code {code})"
+
+
+def test_touched_rows_match_torchrec_model_delta_tracker(batch_run, valid_examples):
+    """The rows parameter sync ships (the trainer's own bitmap) are exactly the rows TorchRec's
+    ModelDeltaTracker (ID_ONLY) reports for the same steps."""
+    from torchrec.distributed.model_tracker.types import DeltaTrackerConfig, TrackingMode
+
+    from gpurec.embedding.rows import TouchedRows
+    from gpurec.model.checkpoint import find_checkpoint, read_trained_run
+    from gpurec.sync.examples import to_batch
+    from gpurec.train.config import TrainConfig
+    from gpurec.train.distributed import init_distributed
+    from gpurec.train.recipe import build_trainer
+
+    source = find_checkpoint(batch_run)
+    run = read_trained_run(source)
+    config = TrainConfig.from_dict(dict(run.train_config))
+    trainer = build_trainer(run, config, init_distributed("cpu"), ([0.0] * run.num_dense, [1.0] * run.num_dense))
+    trainer.resume(source)
+    tracker = trainer.model.init_torchrec_delta_tracker(
+        DeltaTrackerConfig(tracking_mode=TrackingMode.ID_ONLY, delete_on_read=True)
+    )
+    trainer.touched = TouchedRows(list(run.sparse_specs))
+    for start in range(0, 768, 256):
+        trainer.step(to_batch(valid_examples[start : start + 256], run))
+    ours = trainer.touched.take()
+    theirs = tracker.get_unique_ids()
+    feature_of = {fqn: next(part for part in fqn.split(".") if part.startswith("t_"))[2:] for fqn in theirs}
+    assert sorted(feature_of.values()) == sorted(f for f, rows in ours.items() if rows.numel())
+    for fqn, rows in theirs.items():
+        assert torch.equal(torch.unique(rows.cpu()), ours[feature_of[fqn]]), fqn
