@@ -142,8 +142,8 @@ def test_bad_input_is_one_line(tmp_path, batch_run):
         assert len(lines) == 1 and lines[0].startswith("gpurec train: ") and expected in lines[0], result.stderr
 
 
-def _online(url: str, out: Path, init: Path, nproc: int) -> dict:
-    args = ["train", "--online", "--from", url, "--out", str(out), "--init", str(init), "--batch-size", "256", "--drain", "--json"]
+def _online(url: str, out: Path, init: Path, nproc: int, *extra: str) -> dict:
+    args = ["train", "--online", "--from", url, "--out", str(out), "--init", str(init), "--batch-size", "256", "--drain", "--json", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     prefix = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     result = subprocess.run([*prefix, "-m", "gpurec.cli", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -163,7 +163,7 @@ def test_two_ranks_online_match_one_rank(small_features, tmp_path, valid_example
     url = f"sqlite:///{tmp_path}/log.db"
     fill_examples(url, valid_examples)
     one = _online(url, tmp_path / "one", init, 1)
-    two = _online(url, tmp_path / "two", init, 2)
+    two = _online(url, tmp_path / "two", init, 2, "--sync-dir", str(tmp_path / "deltas"), "--sync-every-s", "0.5")
     assert one["examples"] == two["examples"] == len(valid_examples) and two["world_size"] == 2
     assert one["digest"] == two["digest"] and one["offsets"] == two["offsets"]
     from gpurec.train.evaluate import model_scores
@@ -172,3 +172,20 @@ def test_two_ranks_online_match_one_rank(small_features, tmp_path, valid_example
     test_files = manifest.split_files("test", small_features)
     scores = [model_scores(*load_trained_model(tmp_path / run)[:2], manifest, test_files) for run in ("one", "two")]
     assert max(float(abs(scores[0][t] - scores[1][t]).max()) for t in scores[0]) < 1e-4
+    # The two ranks published one sequence of whole deltas: applied to the served starting model,
+    # they give exactly the 2-rank checkpoint's model.
+    from gpurec.serve.artifact import build_serving_ranker
+    from gpurec.serve.export import contract_for
+    from gpurec.sync.deltafile import DeltaApplier
+
+    def served(run_dir):
+        model, lookup, run = load_trained_model(run_dir)
+        return build_serving_ranker(model, lookup, contract_for(model, run, 64))
+
+    module, final = served(init), served(tmp_path / "two")
+    applier = DeltaApplier(module, tmp_path / "deltas")
+    applier.poll()
+    assert applier.version == two["sync_seq"] and two["deltas"]["rows"] >= 1
+    final_state = final.state_dict()
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, final_state[name]), name

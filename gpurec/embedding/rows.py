@@ -129,8 +129,10 @@ class TouchedRows:
 
     def take(self) -> dict[str, torch.Tensor]:
         """The touched rows of each table (sorted), and forget them."""
-        out = {}
-        for feature, bitmap in self.dirty.items():
-            out[feature] = bitmap.nonzero().flatten()
-            bitmap.zero_()
+        return {feature: bitmap.nonzero().flatten() for feature, bitmap in self.take_bitmaps().items()}
+
+    def take_bitmaps(self) -> dict[str, torch.Tensor]:
+        """The bitmaps themselves (to combine across ranks), and start new ones."""
+        out = self.dirty
+        self.dirty = {feature: torch.zeros_like(bitmap) for feature, bitmap in out.items()}
         return out
