@@ -5,10 +5,18 @@ Layout under the training output directory:
     checkpoints/step-00000123/     torch.distributed.checkpoint (DCP) files: model + optimizer + id maps
     checkpoints/step-00000123/trainer.json   data position and the `TrainedRun`: what the model reads
     checkpoints/latest             the name of the newest complete checkpoint
+    checkpoints/best               the name of the checkpoint that scored best on the valid split
 
 Training writes checkpoints (`save_checkpoint`); evaluation, export and parameter sync read them
 through `read_trained_run` and `gpurec.model.trained.load_trained_model`, so the format lives here,
 in the model stage, below every reader: none of them imports the training package.
+
+Two pointers, two uses. Resuming training continues from `latest` (the data position moves on
+from there). A reader of a run (`find_checkpoint`: evaluation, export, `--init` of online training)
+gets `best` when the run has one: batch training validates its checkpoints and points `best` at
+the one with the highest valid AUC (`mark_best`). A checkpoint saved without `keep_best` (online
+training, or batch training without validation) removes `best`, because nothing has judged it
+against the newer model; the run's newest checkpoint is then the one to read.
 
 DCP writes each rank's shards in parallel and can load them into a different sharding (or into
 an unsharded model for evaluation and export), so a checkpoint is not tied to the world size it
@@ -36,6 +44,7 @@ from gpurec.model.config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 TRAINER_FILE = "trainer.json"
 
 
@@ -83,6 +92,25 @@ class TrainedRun:
 
 
 @dataclass
+class Validation:
+    """Batch training's record of scoring its checkpoints on the valid split (early stopping)."""
+
+    best_step: int = -1  # the best checkpoint's step (-1: none validated yet)
+    best_score: float | None = None  # its score: the mean over tasks of the valid AUC
+    best_auc: dict[str, float] = field(default_factory=dict)  # its valid AUC per task
+    last_step: int = -1  # the step validated last
+    rounds: int = 0  # validations so far
+    since_best: int = 0  # validations since the best one: training stops when this reaches patience
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Validation:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
 class TrainerState:
     """Where training stands: the next batch to train is `batch` of `epoch`; `run` says what it trains."""
 
@@ -97,22 +125,27 @@ class TrainerState:
     # ... and an order-independent checksum of the examples trained (a sum of their keys' hashes
     # mod 2**64), so a test can check that each was trained exactly once.
     digest: int = 0
+    # Batch training with validation: the scores so far and the best step (None: not validating).
+    validation: Validation | None = None
 
     def to_json(self) -> dict[str, Any]:
         position = {"step": self.step, "epoch": self.epoch, "batch": self.batch, "samples": self.samples}
         online = {"offsets": dict(self.offsets), "digest": self.digest} if self.offsets else {}
-        return {**position, **online, "run": self.run.to_json() if self.run is not None else None}
+        validated = {"validation": self.validation.to_json()} if self.validation is not None else {}
+        return {**position, **online, **validated, "run": self.run.to_json() if self.run is not None else None}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainerState:
         run = data.get("run")
         position = {k: int(data[k]) for k in ("step", "epoch", "batch", "samples")}
         offsets = {str(k): int(v) for k, v in data.get("offsets", {}).items()}
+        validation = data.get("validation")
         return cls(
             **position,
             run=TrainedRun.from_json(run) if run is not None else None,
             offsets=offsets,
             digest=int(data.get("digest", 0)),
+            validation=Validation.from_json(validation) if validation is not None else None,
         )
 
 
@@ -131,13 +164,31 @@ def latest_checkpoint(out_dir_or_checkpoint: str | Path) -> Path | None:
     return checkpoint_root(path) / pointer.read_text().strip()
 
 
+def best_checkpoint(out_dir: str | Path) -> Path | None:
+    """The run's best validated checkpoint (`checkpoints/best`), if it has one that is complete."""
+    pointer = checkpoint_root(out_dir) / BEST
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(out_dir) / pointer.read_text().strip()
+    return path if (path / TRAINER_FILE).is_file() else None
+
+
 def save_checkpoint(
-    out_dir: str | Path, model: nn.Module, optimizer: Any, state: TrainerState, keep: int = 2, ids: Any = None
+    out_dir: str | Path,
+    model: nn.Module,
+    optimizer: Any,
+    state: TrainerState,
+    keep: int = 2,
+    ids: Any = None,
+    keep_best: bool = False,
 ) -> Path:
-    """Save (collectively: every rank calls it) and point `latest` at it; keep the newest `keep`.
+    """Save (collectively: every rank calls it) and point `latest` at it; keep the newest `keep`
+    (and the `best` one, which may be older).
 
     `ids` (an `IdMap`) adds this rank's partition of the id maps (when it has state): keys are
     per partition, so every rank writes its own and a reader can load any or all of them.
+    `keep_best`: this checkpoint will be validated (batch training), so `best` stays until
+    `mark_best` moves it; otherwise `best` is removed and readers get this newest checkpoint.
     """
     root = checkpoint_root(out_dir)
     path = root / f"step-{state.step:08d}"
@@ -151,12 +202,39 @@ def save_checkpoint(
         tmp = root / (LATEST + ".tmp")
         tmp.write_text(path.name)
         tmp.replace(root / LATEST)
-        old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != path)
-        for stale in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(stale, ignore_errors=True)
+        if not keep_best:
+            (root / BEST).unlink(missing_ok=True)
+        _prune(root, keep)
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def mark_best(out_dir: str | Path, checkpoint: str | Path, keep: int = 2) -> None:
+    """Point `best` at a checkpoint of this run (one rank calls it, after the save's barrier)."""
+    root = checkpoint_root(out_dir)
+    tmp = root / (BEST + ".tmp")
+    tmp.write_text(Path(checkpoint).name)
+    tmp.replace(root / BEST)
+    _prune(root, keep)  # the previous best may now be older than the newest `keep`
+
+
+def write_trainer_state(checkpoint: str | Path, state: TrainerState) -> None:
+    """Replace a saved checkpoint's trainer.json (validation results arrive after the save)."""
+    path = Path(checkpoint) / TRAINER_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state.to_json(), indent=2))
+    tmp.replace(path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, sparing the ones `latest` and `best` name
+    (`best` may be older than the newest `keep`)."""
+    spare = {pointer.read_text().strip() for pointer in (root / LATEST, root / BEST) if pointer.is_file()}
+    ordered = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for stale in ordered[: max(0, len(ordered) - keep)]:
+        if stale.name not in spare:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_trainer_state(checkpoint: str | Path) -> TrainerState:
@@ -164,8 +242,11 @@ def read_trainer_state(checkpoint: str | Path) -> TrainerState:
 
 
 def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    """The checkpoint to read: the given checkpoint directory, or a training run's latest."""
-    path = latest_checkpoint(run_or_checkpoint)
+    """The checkpoint to read: the given checkpoint directory, or a training run's best validated
+    checkpoint (`checkpoints/best`), or, when it has none, its latest."""
+    given = Path(run_or_checkpoint)
+    path = None if (given / TRAINER_FILE).exists() else best_checkpoint(given)
+    path = path or latest_checkpoint(run_or_checkpoint)
     if path is None:
         raise InputNotFound(
             f"no checkpoint in {run_or_checkpoint} (expected a training run with checkpoints/latest, "
@@ -175,7 +256,7 @@ def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
 
 
 def read_trained_run(run_or_checkpoint: str | Path) -> TrainedRun:
-    """The `TrainedRun` of a checkpoint (or of a training run's latest checkpoint)."""
+    """The `TrainedRun` of a checkpoint (or of the one `find_checkpoint` picks in a training run)."""
     path = find_checkpoint(run_or_checkpoint)
     run = read_trainer_state(path).run
     if run is None:

@@ -3,10 +3,17 @@
     gpurec join --log sqlite:///runs/demo/live/log.db                 # run until Ctrl-C / SIGTERM
     gpurec join --log sqlite:///runs/demo/live/log.db --drain --json  # to the end of the log, then stop
     gpurec join --log kafka://127.0.0.1:9092 --partitions 0,1         # a share of the partitions
+    gpurec join --log kafka://127.0.0.1:9092 --engine quix --member joiner-1  # a Quix Streams app
 
 Several processes split the partitions (`--partitions`); each commits its offsets, outputs and
 state in one transaction, so any of them can be killed and restarted without losing or repeating
 an example. Progress (records in, examples out, lag) is shown on stderr.
+
+`--engine quix` runs the same joiner as a Quix Streams application (gpurec/stream/quix_join.py):
+the consumer group spreads the partitions over the processes, each named by `--member` (Kafka
+static membership: restart a process with the same name and it gets its partitions back at once);
+`--state-dir` holds its RocksDB state (under <state-dir>/<member>; the changelog topic on Kafka
+is the durable copy, so a lost directory is rebuilt from it).
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-store", default=None, help="also keep this online feature store's counters current (sqlite:///path or redis://...)")
     parser.add_argument("--drain", action="store_true", help="process to the end of the log, close every window, stop")
     parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
+    parser.add_argument("--engine", choices=("embedded", "quix"), default="embedded", help="embedded runner, or a Quix Streams app (kafka:// logs only)")
+    parser.add_argument("--member", default="joiner-0", help="quix: this process's static member name in the group (keep it across restarts)")
+    parser.add_argument("--state-dir", default=".quix-state", help="quix: local RocksDB state directory (one sub-directory per member)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         group=args.group,
     )
+    if args.engine == "quix":
+        return _run_quix(args, settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step in hand, commit, stop
         signal.signal(sig, lambda *_: stop.set())
@@ -93,6 +105,32 @@ def run(args: argparse.Namespace) -> int:
             f"{report.dead_letters:,} dead letters, {counters.get('late', 0):,} late, "
             f"{counters.get('duplicates', 0):,} duplicate actions, {counters.get('non_consenting', 0):,} rows "
             f"of non-consenting users; {report.seconds:.1f} s"
+        )
+    return 0
+
+
+def _run_quix(args: argparse.Namespace, settings) -> int:
+    from gpurec.stream.quix_join import kafka_bootstrap, run_quix_join
+
+    kafka_bootstrap(args.log)  # a sqlite:// log is refused before anything starts
+    if args.partitions is not None or args.feature_store:
+        raise InvalidInput("--partitions and --feature-store are not supported with --engine quix")
+
+    def restored(partition: int, entries: int) -> None:
+        print(f"join: partition {partition} assigned, {entries:,} state entries restored", file=sys.stderr, flush=True)
+
+    report = run_quix_join(
+        args.log, settings, member=args.member, state_dir=args.state_dir, drain=args.drain,
+        create_partitions=args.create_partitions, on_partition=restored,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        counters, records = report["counters"], report["records_in"]
+        print(
+            f"join (quix, partitions {report['partitions']}): {records['served']:,} served rows, "
+            f"{records['actions']:,} actions -> {report['examples']:,} examples ({counters.get('positives', 0):,} "
+            f"positive), {report['dead_letters']:,} dead letters; {report['seconds']:.1f} s"
         )
     return 0
 

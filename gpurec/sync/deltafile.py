@@ -209,15 +209,21 @@ class DeltaApplier:
         return 0
 
     def _apply(self, seq: int, kind: str, header: dict[str, Any], entries: list[Entry]) -> None:
-        checked = [(self._target(name, index, values), index, values) for name, index, values in entries]
+        # Checked and moved to the model's device before the lock, so requests wait only for the
+        # writes. On a GPU the writes are queued on the same (default) stream as the forward passes
+        # of `execute`, so a request after the lock is released runs after them.
+        checked = []
+        for name, index, values in entries:
+            target = self._target(name, index, values)
+            moved = values.to(target.device, target.dtype, non_blocking=False)
+            checked.append((target, None if index is None else index.to(target.device), moved))
         with self.lock:
             with torch.no_grad():
                 for target, index, values in checked:
-                    values = values.to(target.device, target.dtype)
                     if index is None:
                         target.copy_(values)
                     else:
-                        target.index_copy_(0, index.to(target.device), values)
+                        target.index_copy_(0, index, values)
             self.version = seq
             self.last_header = header
             self.last_applied_at = time.time()

@@ -21,7 +21,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, f
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 2  # at most; with validation, training stops earlier once it stops improving
     batch_size: int = 512  # per rank; the global batch is batch_size * world_size
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     dense_lr: float = 0.02  # Adagrad on the MLPs and heads
@@ -35,6 +35,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     prefetch: int = 4  # batches read ahead by the background loader thread
     shuffle_days: bool = False  # False: days in event-time order (rows are shuffled within a day)
+    # Validation: score the valid split with a checkpoint at each epoch end (or every validate_every
+    # steps) and at the end; `checkpoints/best` names the best one (mean AUC over tasks), which
+    # evaluation and export read; stop after `patience` validations without improvement.
+    validate: bool = True  # off, or no valid rows: no validation, readers get the latest checkpoint
+    validate_every: int = 0  # steps between validations (0: at the end of each epoch)
+    patience: int = 2  # validations without improvement before training stops (0: never stops early)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # a TOML value of the wrong type (epochs = "two") is named, not a TypeError
@@ -48,7 +54,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "rows_per_id", "min_rows", "log_every", "prefetch"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"train config {name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "seed"):
+        for name in ("max_steps", "checkpoint_every", "seed", "validate_every", "patience"):
             if getattr(self, name) < 0:
                 raise InvalidInput(f"train config {name} must not be negative, got {getattr(self, name)}")
 
