@@ -14,7 +14,9 @@ polars or venv), run from the repository root. In order:
    op, load 0.5 and 0.75): lookups/s, lookups + value gather/s, inserts/s, segmented lookups/s,
    with bytes/s against the device's memory bandwidth (its specification and a measured copy);
 4. `compute-sanitizer` (memcheck, racecheck, synccheck) on a small run of every kernel;
-5. an `ncu` profile of each kernel at benchmark size: DRAM throughput %, achieved and theoretical
+5. parameter deltas applied in place on the GPU while requests score under the same lock
+   (`bench/sync_checks.py`): no request sees half a delta, a corrupt one is refused;
+6. an `ncu` profile of each kernel at benchmark size: DRAM throughput %, achieved and theoretical
    occupancy, registers; the report is kept.
 
 Everything lands in one directory (``--out``, default ``$OUT`` or ``runs/gpu-check``):
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["checks"] = {}
     for name, check in kernel_checks.CHECKS.items():
         summary["checks"][name] = run_check(log, name, lambda check=check: check(device, sizes))
+    import sync_checks  # parameter deltas applied in place on the device while requests run
+
+    for name, check in sync_checks.CHECKS.items():
+        summary["checks"][name] = run_check(log, name, lambda check=check: check(device))
 
     skipped = {}
     if "bench" in args.skip:

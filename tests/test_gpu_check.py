@@ -38,7 +38,7 @@ def test_dry_run_passes_and_reports_every_part(tmp_path):
     assert headline["gpu_check"] == "passed" and headline["dry_run"] is True and headline["failed"] == []
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["versions"]["triton"] and summary["versions"]["torch"]
-    assert set(summary["checks"]) == {"hash", "lookup", "insert", "segmented_lookup", "insert_stress"}
+    assert set(summary["checks"]) == {"hash", "lookup", "insert", "segmented_lookup", "insert_stress", "delta_apply"}
     for name, check in summary["checks"].items():
         assert check["passed"] and check["facts"] and all(check["facts"].values()), name
     stress = summary["checks"]["insert_stress"]
@@ -164,3 +164,26 @@ def test_ncu_csv_is_parsed_per_kernel():
     }
     assert kernels["_insert_kernel"]["registers"] == 72.0
     assert parse_ncu_csv("==ERROR== no kernels were profiled") == {}
+
+
+def test_delta_apply_check_catches_a_delta_applied_without_the_request_lock(monkeypatch):
+    """The GPU kit's delta check fails when deltas are written outside the lock requests hold."""
+    import threading
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sync_checks
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    unlocked = sync_checks.DeltaApplier
+
+    class OwnLock(unlocked):
+        def __init__(self, module, directory, lock=None):
+            super().__init__(module, directory, threading.Lock())  # not the lock requests take
+
+    assert sync_checks.check_delta_apply(torch.device("cpu"))["passed"]
+    monkeypatch.setattr(sync_checks, "DeltaApplier", OwnLock)
+    facts = sync_checks.check_delta_apply(torch.device("cpu"))["facts"]
+    assert not facts["no_half_applied_delta_seen"] and facts["final_tensors_equal_last_deltas"]
