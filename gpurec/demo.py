@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         gpurec("join", "--log", log_url, "--feature-store", store_url, "--window-s", str(WINDOW_S),
                "--grace-s", str(WINDOW_S), "--drain", "--json", capture=True).strip().splitlines()[-1]
     )  # fmt: skip
+    live_trainer = _last_json(live / "trainer.log")  # its report when the traffic stopped
     trained = json.loads(gpurec(*online_args, "--drain", "--json", capture=True).strip().splitlines()[-1])
+    trained["lag_at_traffic_end"] = live_trainer.get("lag")
     compared = _online_vs_frozen(log_url, online, train_dir)
     summary = _summary(simulated, joined, trained, compared, out, log_url, store_url)
     if args.json:
@@ -126,6 +128,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print(summary)
     return 0
+
+
+def _last_json(path: Path) -> dict[str, Any]:
+    """The last line of a stage's log as JSON (its --json report), {} if it has none."""
+    lines = path.read_text().strip().splitlines() if path.exists() else []
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def _create_topics(log_url: str) -> None:
@@ -220,6 +231,7 @@ def _summary(
         "auc_frozen_finish": compared.get("auc_frozen_finish"),
         "examples_scored": compared.get("examples_scored", 0),
         "examples_trained": trained.get("examples_total", 0),
+        "trainer_lag_at_traffic_end": trained.get("lag_at_traffic_end"),  # examples not yet trained
         "freshness_p50_s": simulated.get("freshness_p50_s"),
         "freshness_p95_s": simulated.get("freshness_p95_s"),
         "freshness_breakdown_p50_s": simulated.get("freshness_breakdown_p50_s"),
@@ -247,7 +259,8 @@ def _print(s: dict[str, Any]) -> None:
         f"join: {s['examples']:,} examples ({s['positives']:,} positive), {s['late_actions']:,} late and "
         f"{s['duplicate_actions']:,} duplicate actions, {s['dead_letter']:,} dead letters {s['dead_letter_by_reason']}, "
         f"{s['non_consenting_rows']:,} rows of users without training consent\n"
-        f"loop: {s['examples_trained']:,} examples trained online, {s['deltas_applied']:,} deltas served; "
+        f"loop: {s['examples_trained']:,} examples trained online ({s['trainer_lag_at_traffic_end']} waiting when "
+        f"the traffic stopped), {s['deltas_applied']:,} deltas served; "
         f"freshness (action -> served score) p50 {_num(s['freshness_p50_s'])} s, p95 {_num(s['freshness_p95_s'])} s "
         f"{s['freshness_breakdown_p50_s'] or ''}\n"
         f"like-AUC on the {s['examples_scored']:,} live examples, each scored before it was trained on: "
