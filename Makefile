@@ -59,6 +59,8 @@ bench: setup
 	$(BIN)/python bench/feature_store.py
 	$(BIN)/python bench/joiner.py
 	$(BIN)/python bench/sync_apply.py
+	$(BIN)/python bench/sync_serve.py
+	$(BIN)/python bench/online_train.py
 	$(BIN)/python bench/join_on_log.py
 
 # Proves every GPU path on a GPU node (kernels vs reference at scale, insert under contention,
