@@ -239,6 +239,20 @@ def test_serve_installs_the_ranker_runtime_and_runs_tritonserver():
     assert {"8000", "8001", "8002"} <= exposed
 
 
+def test_serve_installs_gpurec_for_the_feed_at_the_projects_pins():
+    """The feed model imports gpurec: the image installs the package and the feed path's libraries
+    at exactly the versions the project pins (a drifted pin would serve different code)."""
+    _, instructions = load(SERVE)
+    installed = installed_pins(instructions)
+    wanted: dict[str, str] = {}
+    for name in ("cpu.txt", "stream.txt", "features.txt"):
+        wanted.update(requirement_pins(ROOT / "requirements" / name))
+    for name in ("msgspec", "polars", "pyarrow", "confluent-kafka", "redis", "hiredis"):
+        assert installed.get(name) == wanted[name], f"Dockerfile.serve must install {name}=={wanted[name]}"
+    commands = " ".join(pip_installs(instructions))
+    assert "--no-deps /opt/gpurec" in commands and "import gpurec.serve.feed" in " ".join(i.value for i in instructions)
+
+
 def test_train_installs_the_matched_stack_gpurec_and_cudf_polars():
     text, instructions = load(TRAIN)
     installed = installed_pins(instructions)
