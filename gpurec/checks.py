@@ -21,6 +21,7 @@ from gpurec.errors import InputNotFound, InvalidInput
 # checkpoint directory, which holds `trainer.json`. Repeated here so the check needs no torch.
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 TRAINER_FILE = "trainer.json"
 
 
@@ -62,12 +63,14 @@ def output_dir(path: str | Path, what: str) -> Path:
 
 
 def require_checkpoint(path: str | Path, what: str = "--checkpoint") -> Path:
-    """The checkpoint directory of a training run (its latest) or `path` itself if it is one.
+    """The checkpoint directory of a training run (its best validated one, else its latest) or
+    `path` itself if it is one (the choice of `gpurec.model.checkpoint.find_checkpoint`).
 
     InputNotFound when there is none, before torch is even imported.
     """
     path = require_dir(path, what)
-    pointer = path / CHECKPOINTS / LATEST
+    best = path / CHECKPOINTS / BEST
+    pointer = best if best.is_file() else path / CHECKPOINTS / LATEST
     if (path / TRAINER_FILE).is_file():
         checkpoint = path
     elif pointer.is_file():

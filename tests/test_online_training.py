@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from conftest import fill_examples
 
-from gpurec.model.checkpoint import latest_checkpoint, read_trainer_state
+from gpurec.model.checkpoint import find_checkpoint, latest_checkpoint, read_trainer_state
 from gpurec.model.trained import load_trained_model
 from gpurec.preprocess.manifest import load_manifest
 from gpurec.stream.log import open_event_log
@@ -67,7 +67,7 @@ def test_drain_trains_every_example_once_and_scores_before_training(tmp_path, ba
     assert committed == ends  # the group's offsets follow the checkpoint (lag monitoring)
     assert 0.5 < report["auc_like"] < 1.0  # progressive validation of a model that learnt something
     state = read_trainer_state(latest_checkpoint(tmp_path / "online"))
-    assert state.samples == len(valid_examples) and state.run.resumed_from == str(latest_checkpoint(batch_run))
+    assert state.samples == len(valid_examples) and state.run.resumed_from == str(find_checkpoint(batch_run))
     with open_event_log(url) as log:
         compared = online_vs_frozen(log, tmp_path / "online", batch_run)
     assert compared["examples_scored"] == len(valid_examples)

@@ -1,4 +1,5 @@
-"""Training: exact resume, 2-rank sharded training against 1 rank, checkpoints, the CLI."""
+"""Training: exact resume, 2-rank sharded training against 1 rank, checkpoints, validation and
+early stopping, the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_CONFIG, train_small
 
-from gpurec.model.checkpoint import checkpoint_root, latest_checkpoint, read_trainer_state
+from gpurec.model.checkpoint import (
+    checkpoint_root,
+    find_checkpoint,
+    latest_checkpoint,
+    read_trained_run,
+    read_trainer_state,
+)
 from gpurec.train.config import TrainConfig, load_configs
 
 
@@ -55,9 +62,12 @@ def test_checkpoints_keep_the_newest_two(small_features, tmp_path):
     assert state.run.labels == ("like", "finish")
 
 
-def _cli_train(features: Path, out: Path, nproc: int, batch_size: int, sharding: str) -> list[float]:
-    args = ["train", "--data", str(features), "--out", str(out), "--max-steps", "10"]
-    args += ["--batch-size", str(batch_size), "--sharding", sharding, "--config", str(SMALL_CONFIG), "--json"]
+def _validations(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+
+
+def _cli_run(features: Path, out: Path, nproc: int, *extra: str) -> dict:
+    args = ["train", "--data", str(features), "--out", str(out), "--config", str(SMALL_CONFIG), "--json", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         command = [sys.executable, "-m", "gpurec.cli", *args]
@@ -68,7 +78,15 @@ def _cli_train(features: Path, out: Path, nproc: int, batch_size: int, sharding:
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["world_size"] == nproc and summary["steps"] == 10
+    assert summary["world_size"] == nproc
+    return summary
+
+
+def _cli_train(features: Path, out: Path, nproc: int, batch_size: int, sharding: str) -> list[float]:
+    # Validation at steps 4, 8 and 10 (the end) on every rank; patience 0: no early stop, 10 steps.
+    extra = ["--max-steps", "10", "--batch-size", str(batch_size), "--sharding", sharding]
+    summary = _cli_run(features, out, nproc, *extra, "--validate-every", "4", "--patience", "0")
+    assert summary["steps"] == 10 and summary["validation"]["rounds"] == 3
     # The default collisionless tables were in the loop: ids were admitted, counted on their owner ranks.
     assert summary["id_tables"]["user_id"]["admitted"] > 0
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -96,6 +114,89 @@ def test_two_ranks_follow_one_rank(small_features, tmp_path, sharding):
     test_files = manifest.split_files("test", small_features)
     scores = [model_scores(*load_trained_model(tmp_path / run)[:2], manifest, test_files) for run in ("one", "two")]
     assert max(float(abs(scores[0][t] - scores[1][t]).max()) for t in scores[0]) < 1e-4  # seen: 1e-7
+    # Validation on 2 ranks (each scores its slice, rank 0 computes the AUC) gives 1 rank's numbers.
+    one_valid, two_valid = _validations(tmp_path / "one"), _validations(tmp_path / "two")
+    assert [r["step"] for r in one_valid] == [r["step"] for r in two_valid] == [4, 8, 10]
+    assert max(abs(a["valid_auc"] - b["valid_auc"]) for a, b in zip(one_valid, two_valid, strict=True)) < 1e-4
+
+
+def test_two_ranks_stop_early_together(small_features, tmp_path):
+    """Both ranks take rank 0's stopping decision: the run ends (no rank left waiting in a
+    collective) at the validation where patience ran out, with one best checkpoint."""
+    extra = ("--max-steps", "200", "--validate-every", "3", "--patience", "1", "--sharding", "row_wise")
+    summary = _cli_run(small_features, tmp_path / "two", 2, "--batch-size", "128", *extra)
+    rounds = _validations(tmp_path / "two")
+    assert summary["validation"]["stopped_early"] and summary["steps"] < 200
+    assert rounds[-1]["step"] == summary["steps"] and rounds[-1]["since_best"] == 1
+    assert find_checkpoint(tmp_path / "two").name == f"step-{summary['validation']['best_step']:08d}"
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_stops(small_features, tmp_path):
+    run = tmp_path / "run"
+    # Up to 20 epochs of 123 steps; validated every 10 steps, training must stop long before.
+    summary = train_small(small_features, run, epochs=20, validate_every=10, patience=3)
+    rounds = _validations(run)
+    scores = [r["valid_auc"] for r in rounds]
+    best = scores.index(max(scores))  # the first of equal scores: fewer steps
+    best_step = rounds[best]["step"]
+    assert summary["validation"]["stopped_early"] and summary["steps"] < 20 * 123
+    # It stopped at the third validation in a row that did not beat the best, not before or after.
+    assert len(rounds) == best + 1 + 3 and rounds[-1]["step"] == summary["steps"]
+    assert summary["validation"]["best_step"] == best_step
+
+    # Readers (evaluate, export, online --init) get the best checkpoint; a rerun resumes from latest.
+    best_dir, latest = find_checkpoint(run), latest_checkpoint(run)
+    assert best_dir.name == f"step-{best_step:08d}" and latest.name == f"step-{summary['steps']:08d}"
+    assert summary["checkpoint"] == str(best_dir) and read_trained_run(run).train_config["patience"] == 3
+    # Pruning keeps the newest two and the best, although it is older than both.
+    kept = sorted(p.name for p in checkpoint_root(run).glob("step-*"))
+    assert kept == [best_dir.name, f"step-{rounds[-2]['step']:08d}", latest.name]
+    # The score that picked it is what `gpurec evaluate --split valid` reports for it.
+    from gpurec.train.evaluate import evaluate
+
+    report = evaluate(run, small_features, split="valid")
+    assert report["checkpoint"] == str(best_dir)
+    assert all(abs(report["tasks"][t]["auc"] - rounds[best][f"valid_auc_{t}"]) < 1e-9 for t in ("like", "finish"))
+
+    # Rerunning the finished command is a no-op: it stays stopped.
+    again = train_small(small_features, run, epochs=20, validate_every=10, patience=3)
+    assert again["steps"] == summary["steps"] and len(_validations(run)) == len(rounds)
+    # With more patience it resumes from the latest checkpoint (not the best) and goes on.
+    more = train_small(small_features, run, epochs=20, validate_every=10, patience=0, max_steps=summary["steps"] + 5)
+    assert more["steps"] == summary["steps"] + 5
+    state = read_trainer_state(latest_checkpoint(run))
+    assert state.run.resumed_from == str(latest) and state.validation.rounds == len(rounds) + 1
+    assert find_checkpoint(run).name == f"step-{state.validation.best_step:08d}"
+
+
+def test_without_validation_readers_get_the_latest_checkpoint(small_features, tmp_path):
+    run = tmp_path / "run"
+    train_small(small_features, run, max_steps=10, validate_every=5)
+    assert (checkpoint_root(run) / "best").is_file()
+    # A checkpoint nobody validated (here: validation off; also online training) supersedes `best`.
+    summary = train_small(small_features, run, max_steps=15, validate=False)
+    assert summary["validation"] is None and not (checkpoint_root(run) / "best").exists()
+    assert find_checkpoint(run) == latest_checkpoint(run) and find_checkpoint(run).name == "step-00000015"
+
+
+def test_a_valid_split_of_one_class_is_refused_before_training(small_features, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpurec.errors import InvalidInput
+    from gpurec.preprocess.manifest import load_manifest
+
+    features = tmp_path / "features"
+    shutil.copytree(small_features, features)
+    for path in load_manifest(features).split_files("valid", features):
+        table = pq.read_table(path)
+        index = table.schema.get_field_index("finish")
+        pq.write_table(table.set_column(index, "finish", pa.array([False] * table.num_rows)), path)
+    with pytest.raises(InvalidInput, match="only negative 'finish' labels"):
+        train_small(features, tmp_path / "run", max_steps=5)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -105,6 +206,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_configs(bad)
     with pytest.raises(ValueError, match="sharding"):
         TrainConfig(sharding="diagonal")
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(patience=-1)
+    with pytest.raises(ValueError, match="validate must be bool"):
+        TrainConfig(validate="yes")
 
 
 def test_shipped_configs_load_and_default_matches_the_dataclass():

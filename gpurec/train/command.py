@@ -3,7 +3,9 @@
     gpurec train --data runs/demo/features --out runs/demo/train
     torchrun --nproc_per_node 2 -m gpurec.cli train --data ... --out ... --sharding row_wise
 
-Training resumes from `<out>/checkpoints/latest` when it exists.
+Training resumes from `<out>/checkpoints/latest` when it exists. With validation (the default)
+`<out>/checkpoints/best` names the checkpoint that scored best on the valid split: the one
+`gpurec evaluate` and `gpurec export` read.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharding", help="override [train] sharding: auto, table_wise, row_wise, ...")
     parser.add_argument("--checkpoint-every", type=non_negative_int, help="override [train] checkpoint_every (steps)")
     parser.add_argument("--seed", type=non_negative_int, help="override [train] seed")
+    parser.add_argument("--validate-every", type=non_negative_int, help="override [train] validate_every (steps; 0: each epoch)")
+    parser.add_argument("--patience", type=non_negative_int, help="override [train] patience (0: never stop early)")
+    parser.add_argument("--no-validate", action="store_true", help="no validation: no best checkpoint, no early stopping")
     parser.add_argument("--device", choices=DEVICES, help="override [train] device")
     parser.add_argument(
         "--id-tables", choices=["collisionless", "hashed"], help="override [model.ids] kind: own row per admitted id, or id mod rows"
@@ -82,6 +87,9 @@ def _load_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         "checkpoint_every": args.checkpoint_every,
         "seed": args.seed,
         "device": args.device,
+        "validate_every": args.validate_every,
+        "patience": args.patience,
+        "validate": False if args.no_validate else None,
     }
     try:
         TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -136,6 +144,16 @@ def _human(summary: dict) -> str:
         f"{summary['device']} at {summary['samples_per_s']:,} samples/s, loss {summary['loss']:.4f}; "
         f"waited {summary['data_wait_s']} s on data; checkpoint {summary['checkpoint']}"
     ]
+    validation = summary.get("validation")
+    if validation:
+        aucs = ", ".join(f"{task} {value:.4f}" for task, value in validation["best_auc"].items())
+        how = "stopped early" if validation["stopped_early"] else "ran to the end"
+        lines.append(
+            f"validation: best at step {validation['best_step']} ({validation['best_epochs']} epochs; valid AUC {aucs}) "
+            f"of {validation['rounds']} validations, {how}"
+        )
+    else:
+        lines.append("validation: none (off, or no valid rows): the checkpoint is the latest")
     tables = summary.get("id_tables")
     if isinstance(tables, dict):
         lines.append(format_id_tables(tables))

@@ -21,10 +21,10 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, f
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2  # at most; with validation, training stops earlier once it stops improving
+    epochs: int = 8  # at most: with validation, training stops once the valid AUC stops improving
     batch_size: int = 512  # per rank; the global batch is batch_size * world_size
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
-    dense_lr: float = 0.02  # Adagrad on the MLPs and heads
+    dense_lr: float = 0.005  # Adagrad on the MLPs and heads
     sparse_lr: float = 0.2  # RowWiseAdagrad fused into the embedding backward
     seed: int = 0  # model init and data order
     sharding: str = "auto"  # "auto" (TorchRec's planner) or one of SHARDING_TYPES for every table

@@ -98,7 +98,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score a checkpoint and the baselines on one split; the result is the `--json` report.
 
-    `checkpoint`: a checkpoint directory or a training run directory (its latest checkpoint).
+    `checkpoint`: a checkpoint directory or a training run directory (its best validated checkpoint,
+    else its latest: `find_checkpoint`).
     `oracle_dir`: raw logs holding the oracle; default: the manifest's source input directory,
     and `oracle` is None when that has no oracle log (real data, or the logs were moved).
     `logreg_max_rows`: the logistic regression trains on a seeded sample of this many train rows

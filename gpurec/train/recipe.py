@@ -4,7 +4,10 @@ Read it top to bottom: join the process group, read the manifest, build the mode
 embedding tables on `meta`, fuse RowWiseAdagrad into the tables and shard them with
 DistributedModelParallel, set up this rank's partition of the collisionless id maps (ids -> rows,
 in front of the tables), resume from the latest checkpoint if there is one, then the loop, whose
-every step first maps the batch's ids to rows (re-initialising rows handed to new ids).
+every step first maps the batch's ids to rows (re-initialising rows handed to new ids). At each
+epoch end (or every `validate_every` steps) and at the end, a checkpoint is saved and scored on the
+valid split; `checkpoints/best` follows the best one, and training stops early once `patience`
+validations in a row have not beaten it.
 Runs the same as one process, under `torchrun --nproc_per_node N` on CPU (gloo), and on GPU
 nodes (NCCL), where only the device differs.
 """
@@ -31,10 +34,14 @@ from gpurec.errors import InvalidInput
 from gpurec.model.checkpoint import (
     TrainedRun,
     TrainerState,
+    Validation,
+    find_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    mark_best,
     read_trainer_state,
     save_checkpoint,
+    write_trainer_state,
 )
 from gpurec.model.config import ModelConfig
 from gpurec.model.dlrm import task_losses
@@ -45,6 +52,7 @@ from gpurec.train.config import TrainConfig
 from gpurec.train.data import LoaderConfig, ParquetBatches, TimedBatch
 from gpurec.train.distributed import DistContext, all_reduce_mean, init_distributed
 from gpurec.train.metrics_log import MetricsLog
+from gpurec.train.validation import check_valid_labels, has_valid_rows, record_validation, validation_auc
 
 
 def sparse_specs(manifest: Manifest, model_config: ModelConfig, train_config: TrainConfig) -> list[SparseFeatureSpec]:
@@ -179,6 +187,11 @@ def train(
         state = trainer.resume(resume_from)
         state.run = replace(run, resumed_from=str(resume_from))
     sharded, optimizer, ids = trainer.model, trainer.optimizer, trainer.ids
+    # Validation needs valid rows: a world of too few days has none, and then trains without it.
+    validating = train_config.validate and has_valid_rows(manifest)
+    if validating:
+        check_valid_labels(manifest, data_dir, model_config.tasks)
+    state.validation = (state.validation or Validation()) if validating else None
 
     loader = ParquetBatches(
         manifest.split_files("train", data_dir),
@@ -196,9 +209,35 @@ def train(
     total_steps = train_config.max_steps or train_config.epochs * len(loader)
     bar = _progress_bar(total_steps, state.step, enabled=progress and ctx.is_main)
     started, first_step, last_loss = time.perf_counter(), state.step, float("nan")
+    validation_s = 0.0  # time spent validating, left out of samples/s
 
+    def save() -> Path:
+        return save_checkpoint(out_dir, sharded, optimizer, state, ids=ids, keep_best=validating)
+
+    def validate(checkpoint: Path) -> bool:
+        """Score a checkpoint at the current step on the valid split and move `best` if it won;
+        True when patience is spent. Every rank calls it and gets the same answer."""
+        nonlocal validation_s
+        began = time.perf_counter()
+        aucs = validation_auc(checkpoint, manifest, data_dir, ctx.rank, ctx.world_size)
+        improved = record_validation(state.validation, state.step, aucs)
+        if ctx.is_main:
+            write_trainer_state(checkpoint, state)  # a resumed run continues the count
+            if improved:
+                mark_best(out_dir, checkpoint)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        v = state.validation
+        record = {"step": state.step, "epoch": state.epoch, "valid_auc": sum(aucs.values()) / len(aucs)}
+        record.update({f"valid_auc_{task}": value for task, value in aucs.items()})
+        log.write_validation({**record, "best_step": v.best_step, "since_best": v.since_best})
+        validation_s += time.perf_counter() - began
+        return _patience_spent(state.validation, train_config.patience)
+
+    # A run that already stopped early stays stopped (unless rerun with more patience).
+    stop = validating and _patience_spent(state.validation, train_config.patience)
     sharded.train()
-    while state.epoch < train_config.epochs and state.step < total_steps:
+    while not stop and state.epoch < train_config.epochs and state.step < total_steps:
         loader.set_epoch(state.epoch, start_batch=state.batch)
         for batch in loader:
             loss, per_task, _ = trainer.step(batch.to(ctx.device, non_blocking=True))
@@ -208,40 +247,68 @@ def train(
             if state.step % train_config.log_every == 0 or state.step == total_steps:
                 losses = all_reduce_mean(torch.stack([loss, *per_task.values()]))
                 last_loss = float(losses[0])
-                rate = (state.step - first_step) * loader.global_batch / (time.perf_counter() - started)
+                rate = (state.step - first_step) * loader.global_batch / (time.perf_counter() - started - validation_s)
                 record = {"step": state.step, "epoch": state.epoch, "loss": last_loss, "samples_per_s": rate}
                 record.update({f"loss_{t}": float(v) for t, v in zip(per_task, losses[1:], strict=True)})
                 record["data_wait_s"] = loader.wait_seconds
                 log.write(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
-            if train_config.checkpoint_every and state.step % train_config.checkpoint_every == 0:
-                save_checkpoint(out_dir, sharded, optimizer, state, ids=ids)
             if state.step >= total_steps:
-                break
+                break  # the end: saved (and validated) below
+            if validating and train_config.validate_every and state.step % train_config.validate_every == 0:
+                stop = validate(save())
+                if stop:
+                    break
+            elif train_config.checkpoint_every and state.step % train_config.checkpoint_every == 0:
+                save()
         else:
             state.epoch, state.batch = state.epoch + 1, 0
+            if validating and not train_config.validate_every:
+                stop = validate(save())
     bar.close()
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None or read_trainer_state(checkpoint).step != state.step:
-        checkpoint = save_checkpoint(out_dir, sharded, optimizer, state, ids=ids)
+        checkpoint = save()
+    if validating and state.validation.last_step != state.step:
+        validate(checkpoint)  # the last steps since the previous validation count too
     seconds = time.perf_counter() - started
     summary = {
         "steps": state.step,
         "samples": state.samples,
         "loss": last_loss,
         "seconds": round(seconds, 3),
-        "samples_per_s": round((state.step - first_step) * loader.global_batch / max(seconds, 1e-9)),
+        "samples_per_s": round((state.step - first_step) * loader.global_batch / max(seconds - validation_s, 1e-9)),
         "data_wait_s": round(loader.wait_seconds, 3),
         "world_size": ctx.world_size,
         "device": str(ctx.device),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(find_checkpoint(out_dir)),  # what evaluation and export read: the best one
+        "latest_checkpoint": str(checkpoint),  # where a rerun resumes
+        "validation": _validation_summary(state, loader, train_config, validation_s),
         "id_tables": ids.stats() or model_config.ids.kind,  # a hashed map has no stats: its kind
     }
     log.close()
     if ctx.is_main:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _patience_spent(validation: Validation, patience: int) -> bool:
+    return patience > 0 and validation.since_best >= patience
+
+
+def _validation_summary(state: TrainerState, loader: ParquetBatches, config: TrainConfig, seconds: float) -> dict | None:
+    v = state.validation
+    if v is None:
+        return None
+    return {
+        "best_step": v.best_step,
+        "best_epochs": round(v.best_step / len(loader), 2),  # epochs of training in the best checkpoint
+        "best_auc": v.best_auc,
+        "rounds": v.rounds,
+        "stopped_early": _patience_spent(v, config.patience),
+        "seconds": round(seconds, 3),
+    }
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
