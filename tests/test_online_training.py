@@ -189,3 +189,21 @@ def test_two_ranks_online_match_one_rank(small_features, tmp_path, valid_example
     final_state = final.state_dict()
     for name, value in module.state_dict().items():
         assert torch.equal(value, final_state[name]), name
+
+
+def test_a_small_step_weighs_its_loss_by_its_share_of_a_batch(batch_run, valid_examples):
+    """Resumed from batch training (Adagrad state and all), a step on 8 examples weighted 8/512 moves
+    the dense weights far less than the same step as a plain mean: what keeps tiny online
+    micro-batches from taking batch-sized steps."""
+    from gpurec.sync.examples import to_batch
+    from gpurec.sync.replay import load_trainer
+
+    def dense_change(loss_scale: float) -> float:
+        trainer, _ = load_trainer(batch_run)
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "mlp" in k}
+        trainer.step(to_batch(valid_examples[:8], trainer.run), loss_scale=loss_scale)
+        after = trainer.model.state_dict()
+        return sum(float((after[k] - v).norm()) for k, v in before.items())
+
+    plain, weighted = dense_change(1.0), dense_change(8 / 512)
+    assert plain > 0 and weighted < plain / 10

@@ -2,6 +2,8 @@
 
     gpurec experiment collisionless                       # synthetic world + MovieLens-100K, 1 row per id
     gpurec experiment collisionless --datasets synthetic --rows-per-id 0.5,1,4 --json
+    gpurec experiment online                              # frozen vs online (sync 5 s, 60 s, 10 min) vs daily retrain
+    gpurec experiment online --quick                      # a small world, one seed: a minute or two
 
 Arguments are defined here, without importing torch, so `--help` stays fast; a study's module is
 imported only when it runs.
@@ -22,6 +24,11 @@ STUDIES: dict[str, tuple[str, str]] = {
     "collisionless": (
         "gpurec.experiments.collisionless",
         "collisionless vs hashed (id mod rows) embedding tables at equal memory: test AUC and collision rates",
+    ),
+    "online": (
+        "gpurec.experiments.online",
+        "what online training buys on the drifting synthetic world: AUC per day of the frozen batch model, online "
+        "training at several sync intervals (deterministic replay) and a daily batch retrain",
     ),
 }
 
@@ -68,9 +75,51 @@ def _collisionless_check(study: ModuleType, args: argparse.Namespace) -> None:
             raise InvalidInput(message if message.startswith(flag) else f"{flag}: {message}") from None
 
 
-_ARGUMENTS = {"collisionless": _collisionless_arguments}
+def _online_arguments(parser: argparse.ArgumentParser) -> None:
+    # World and training flags default to None so that --quick can fill them (an explicit flag wins);
+    # the defaults named in the help are gpurec.experiments.online's (DEFAULT_WORLD, QUICK).
+    parser.add_argument("--out", type=Path, default=Path("runs/experiment-online"), help="work directory (replaced runs)")
+    parser.add_argument("--seeds", default=None, help="comma-separated; each seeds the world and training (default: 7,8,9)")
+    parser.add_argument("--users", type=positive_int, default=None, help="synthetic world users (default: 2000)")
+    parser.add_argument("--items", type=positive_int, default=None, help="synthetic world items (default: 5000)")
+    parser.add_argument("--days", type=positive_int, default=None, help="simulated days (default: 7)")
+    parser.add_argument("--train-days", type=positive_int, default=None, help="batch training days before serving starts (default: 3)")
+    parser.add_argument("--sync-every", default="5,60,600", help="online variants: simulated seconds between syncs (default: 5,60,600)")
+    parser.add_argument(
+        "--label-delay", type=float, default=600.0, help="simulated seconds from impression to training example: the joiner's window (default: 600)"
+    )
+    parser.add_argument(
+        "--window", type=float, default=0.0, help="the online trainer steps once per this many simulated seconds (default 0: the shortest sync)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="most examples in one online step (default: 512)")
+    parser.add_argument(
+        "--reference-batch",
+        type=non_negative_int,
+        default=None,
+        help="an online step of n examples weighs its loss by n / this (default: the batch runs' batch_size; 0: a plain mean)",
+    )
+    parser.add_argument(
+        "--direct-sync", default="5", help="sync intervals applied in memory instead of through delta files, too slow at 5 s (default: 5; '' for none)"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=None, help="batch training epochs (default: 2; no valid split here to stop on)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop each batch training run after this many steps")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1, the fastest on a shared 2-core machine)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small world for CI: 200 users, 500 items, 4 days, 2 training days, seed 7, 1 epoch"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every result")
+
+
+def _online_check(study: ModuleType, args: argparse.Namespace) -> None:
+    output_dir(args.out, "--out")
+    if args.label_delay < 0 or args.window < 0:
+        raise InvalidInput("--label-delay and --window must not be negative")
+    study.study_from_args(args)  # parses the lists and checks the days: InvalidInput names the flag
+
+
+_ARGUMENTS = {"collisionless": _collisionless_arguments, "online": _online_arguments}
 # study -> check of its arguments, run before the study: bad input is reported as one line, exit 2.
-_CHECKS = {"collisionless": _collisionless_check}
+_CHECKS = {"collisionless": _collisionless_check, "online": _online_check}
 
 
 def run(args: argparse.Namespace) -> int:

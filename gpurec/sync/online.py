@@ -70,8 +70,16 @@ class OnlineSettings:
     group: str = "trainer"  # consumer group whose committed offsets show the trainer's lag
     poll_s: float = 0.05
     topic: str = EXAMPLES_TOPIC
+    # A step of n examples (all ranks) weighs its loss by n / reference_batch, so that an example
+    # moves the model as far as it did in batch training whatever the micro-batch size. None: the
+    # train config's batch_size; 0: no weighting (each step a plain mean, as in batch training).
+    # Without it, 5-example steps after a 512-example batch run cost 0.035 like-AUC on the next
+    # day of the synthetic world (`gpurec experiment online`, README).
+    reference_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.reference_batch is not None and self.reference_batch < 0:
+            raise InvalidInput(f"reference_batch must not be negative, got {self.reference_batch}")
         if self.batch_size <= 0 or self.linger_s < 0 or self.checkpoint_every_s <= 0 or self.max_steps < 0:
             raise InvalidInput("batch_size and checkpoint_every_s must be positive, linger_s and max_steps not negative")
 
@@ -149,6 +157,7 @@ def train_online(
     trained = invalid = 0
     checkpoint = own
 
+    reference = settings.reference_batch if settings.reference_batch is not None else train_config.batch_size
     trainer.model.train()
     while True:
         plan, done, save = None, False, False
@@ -175,7 +184,8 @@ def train_online(
                 local = math.ceil(len(examples) / ctx.world_size)
                 share = usable[ctx.rank * local : (ctx.rank + 1) * local]
                 mine = [t.example for t in share]
-                result = trainer.step(to_batch(mine, run).to(ctx.device))
+                scale = len(examples) / reference if reference else 1.0
+                result = trainer.step(to_batch(mine, run).to(ctx.device), loss_scale=scale)
                 scores.add(result.logits, share)
                 state.step += 1
                 state.samples += len(examples)
@@ -212,6 +222,7 @@ def train_online(
         "checkpoint": str(checkpoint),
         "started_from": str(source),
         "world_size": ctx.world_size,
+        "reference_batch": reference,
         "id_tables": trainer.ids.stats(),
         **{f"auc_{task}": value for task, value in task_aucs(load_progressive(out_dir), run.model_config.tasks).items()},
         **synced,

@@ -28,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=None, help="batch training run (or checkpoint) to start from when --out has none")
     parser.add_argument("--batch-size", type=positive_int, default=512, help="examples per step (all ranks together)")
     parser.add_argument("--linger-s", type=positive_float, default=1.0, help="train a partial batch once its oldest example waited this long")
+    parser.add_argument(
+        "--reference-batch",
+        type=non_negative_int,
+        default=None,
+        help="a step of n examples weighs its loss by n / this, so each example moves the model as far as in batch "
+        "training (default: the starting run's batch_size; 0: every step a plain mean)",
+    )
     parser.add_argument("--checkpoint-every-s", type=positive_float, default=30.0, help="seconds between checkpoints (they hold the offsets)")
     parser.add_argument("--max-steps", type=non_negative_int, default=0, help="stop after this many steps in total (0: no limit)")
     parser.add_argument("--group", default="trainer", help="consumer group whose committed offsets show the lag")
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every_s=args.checkpoint_every_s,
         max_steps=args.max_steps,
         group=args.group,
+        reference_batch=args.reference_batch,
     )
     start = latest_checkpoint(args.out) or (find_checkpoint(args.init) if args.init else None)
     train_config = None

@@ -112,15 +112,19 @@ class Trainer:
             self.touched.add(rows)
         return rows
 
-    def step(self, batch: TimedBatch) -> StepResult:
+    def step(self, batch: TimedBatch, loss_scale: float = 1.0) -> StepResult:
         """One optimizer step on a batch already on the device. The logits come from the forward
-        pass before the update: scores of examples the model has not trained on yet."""
+        pass before the update: scores of examples the model has not trained on yet.
+
+        `loss_scale` multiplies the loss before the backward pass (the returned losses are not
+        scaled): online training weighs a micro-batch of n examples by n / batch training's batch
+        size, so that each example moves the model as far as it did in batch training."""
         logits = self.model(batch.dense_features, self.rows_of(batch))
         tasks = self.run.model_config.tasks
         per_task = task_losses(logits, labels_by_task(batch.labels, list(self.run.labels), tasks))
         loss = torch.stack(list(per_task.values())).sum()  # = multi_task_loss, keeping the parts to log
         self.optimizer.zero_grad()
-        loss.backward()
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         self.optimizer.step()
         return StepResult(loss, per_task, {task: value.detach() for task, value in logits.items()})
 
