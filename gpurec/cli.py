@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gpurec.serve.export_command", "write a trained checkpoint as a versioned Triton model repository"),
     "serve": ("gpurec.serve.serve_command", "run Triton Inference Server on a model repository (loopback, Ctrl-C stops)"),
     "recommend": ("gpurec.client.recommend_command", "ask Triton for users' top-k items through the client (starts a server if no --url)"),
+    "consent": ("gpurec.client.consent_command", "change a user's personalisation / training consent on a running server (next request)"),
     "join": ("gpurec.stream.join_command", "join served rows with actions into labelled examples, exactly once (long-running)"),
     "simulate": ("gpurec.client.simulate_command", "drive the feed with the synthetic world's users live: requests, actions, uploads on the log"),
     "demo": ("gpurec.demo", "the whole pipeline on the embedded default: batch stages, then the live feed, joiner and simulated users"),

@@ -25,9 +25,12 @@ from conftest import serve_for_tests, train_small
 from gpurec.client import (
     AsyncRankerClient,
     InvalidRequest,
+    NonFiniteInput,
+    NonFiniteOutput,
     RankerClient,
     RankRequest,
     RecommendRequest,
+    ServerError,
     ServerUnavailable,
     UnknownModel,
     hash_raw,
@@ -229,6 +232,29 @@ def test_bad_input_raises_invalid_request_and_is_not_retried(server, contract, r
                     await ranker.rank(user, candidates)
 
     asyncio.run(run_async())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_non_finite_values_raise_their_own_typed_errors(server, contract, scripted, requests, protocol):
+    """NaN/inf in: NonFiniteInput (an InvalidRequest, refused before sending). Finite 1e38 dense
+    values that overflow the model: the server refuses the NaN scores and the client raises
+    NonFiniteOutput (a ServerError), for rank and recommend, not retried; the next call is exact."""
+    request = requests[0]
+    rows = assemble_rows(contract, request.user, request.candidates)
+    huge = {**rows, "dense": rows["dense"].copy()}
+    huge["dense"][2, :] = 1e38
+    with client(server, contract, protocol, retries=5, backoff=1.0) as ranker:
+        with pytest.raises(NonFiniteInput, match="NaN or infinite"):
+            ranker.rank({**request.user, "user_like_rate": float("inf")}, request.candidates)
+        started = time.monotonic()
+        with pytest.raises(NonFiniteOutput, match="non_finite_output") as raised:
+            ranker.rank(None, huge)
+        assert isinstance(raised.value, ServerError) and not isinstance(raised.value, InvalidRequest)
+        assert time.monotonic() - started < 0.5, "a NaN/inf answer must not be retried"
+        with pytest.raises(NonFiniteOutput):
+            ranker.recommend(None, 3, huge, item_ids=list(range(CANDIDATES)))
+        result = ranker.rank(request.user, request.candidates)
+        np.testing.assert_allclose(result.score, in_process(scripted, contract, rows)["score"], atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

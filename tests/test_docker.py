@@ -239,6 +239,24 @@ def test_serve_installs_the_ranker_runtime_and_runs_tritonserver():
     assert {"8000", "8001", "8002"} <= exposed
 
 
+# NVIDIA's 2025 Triton security bulletins: (bulletin ID, first fixed release). The last one, of
+# December 2025 (CVE-2025-33201/33211), is fixed from r25.10; the python-backend and HTTP-server
+# fixes of August (5687) in 25.07, the model-control RCE of September (5691) in 25.08.
+TRITON_2025_BULLETINS = {"5687": (25, 7), "5691": (25, 8), "5723": (25, 9), "5734": (25, 10)}
+
+
+def test_serve_pins_a_triton_release_with_the_2025_security_fixes():
+    text, instructions = load(SERVE)
+    image = next(i for i in instructions if i.keyword == "FROM").value.split()[0]
+    match = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d{2})\.(\d{2})-py3", image)
+    assert match, f"{image}: pin an NGC tritonserver release tag"
+    release = (int(match.group(1)), int(match.group(2)))
+    for bulletin, fixed in TRITON_2025_BULLETINS.items():
+        assert release >= fixed, f"{image} predates the fix of NVIDIA bulletin {bulletin} ({fixed[0]}.{fixed[1]:02d})"
+        assert bulletin in text, f"Dockerfile.serve must cite bulletin {bulletin} where it pins the release"
+    assert "23319" in text and "33201" in text  # the python-backend OOB write, the last 2025 fix
+
+
 def test_serve_installs_gpurec_for_the_feed_at_the_projects_pins():
     """The feed model imports gpurec: the image installs the package and the feed path's libraries
     at exactly the versions the project pins (a drifted pin would serve different code)."""

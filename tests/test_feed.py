@@ -221,7 +221,7 @@ def test_served_rows_are_the_shown_items_with_the_inputs_the_ranker_scored(serve
 
 
 def test_recently_shown_items_are_not_shown_again(server, contract, live, known_user):
-    user = int(live.users["user_id"][1])
+    user = int(live.users.filter(pl.col("consent_personalisation"))["user_id"][1])  # non-profiled feeds exclude nothing
     with client(server, contract) as feeds:
         first = feeds.feed(user, 20, ts_ms=live.now_ms)
         read_back(live, first.request_id)  # the other feed instance learns it from the served topic
@@ -272,7 +272,7 @@ def test_bad_requests_get_typed_errors_and_the_server_keeps_serving(server, cont
 
 
 def test_async_feed_many(server, contract, live):
-    users = live.users["user_id"][30:34].to_list()
+    users = live.users.filter(pl.col("consent_personalisation"))["user_id"][30:34].to_list()
 
     async def run() -> list:
         async with AsyncRankerClient(server.grpc_url, contract, protocol="grpc") as feeds:
@@ -460,3 +460,40 @@ def test_gpurec_serve_overrides_the_exported_event_log(repo, contract, live, kno
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def test_non_finite_scores_are_never_shown_or_logged_and_are_counted_by_kind(contract, live, known_user):
+    """The feed checks the ranker's scores itself: NaN/inf fails the request (kind
+    non_finite_output) before anything is shown or logged; a refusal relayed from the ranker keeps
+    the ranker's kind; the next request is served and logged as usual."""
+    from gpurec.serve.feed import RankerFailed
+
+    settings = FeedSettings(feature_store=live.store_url, event_log=live.log_url)
+    service = FeedService(settings, contract, "1").start()
+    try:
+
+        def nan_for_one(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            scores = inputs["dense"].sum(axis=1).astype(np.float32)
+            scores[1] = np.nan
+            return scores
+
+        def ranker_refuses(inputs: dict[str, np.ndarray]) -> np.ndarray:  # the ranker's own message
+            raise RankerFailed.from_ranker("ranker: non_finite_input: 'dense' has NaN or infinite values")
+
+        with pytest.raises(RankerFailed, match="non_finite_output") as raised:
+            service.serve(known_user, 5, nan_for_one, ts_ms=live.now_ms, request_id=7_000_101)
+        assert raised.value.kind == "non_finite_output"
+        with pytest.raises(RankerFailed, match="non_finite_input"):
+            service.serve(known_user, 5, ranker_refuses, ts_ms=live.now_ms, request_id=7_000_102)
+        answer = service.serve(known_user, 5, lambda inputs: inputs["dense"].sum(axis=1), ts_ms=live.now_ms, request_id=7_000_103)
+        assert np.isfinite(answer.scores).all() and len(answer.item_ids) == 5
+    finally:
+        service.close()  # writes the queued served rows
+    metrics = service.metrics
+    assert metrics.total("gpurec_feed_errors_total", kind="non_finite_output") == 1
+    assert metrics.total("gpurec_feed_errors_total", kind="non_finite_input") == 1
+    assert metrics.total("gpurec_feed_errors_total", kind="ranker") == 0
+    assert metrics.total("gpurec_feed_requests_total", outcome="failed") == 2
+    assert served_rows(live, 7_000_101) == [] and served_rows(live, 7_000_102) == []
+    assert [r.item_id for r in served_rows(live, 7_000_103)] == answer.item_ids.tolist()
+    assert RankerFailed.from_ranker("ranker: scoring_failed: RuntimeError: boom").kind == "ranker"

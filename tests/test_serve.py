@@ -304,3 +304,77 @@ def test_serve_command_stops_cleanly_on_sigterm(repo):
     with pytest.raises(ProcessLookupError):
         os.kill(endpoints["pid"], 0)
     assert set(Path("/dev/shm").glob("gpurec_*")) - shm_before == set()
+
+
+# ---- hostile inputs: NaN/inf in, NaN/inf out, counted by kind --------------------------------
+
+
+def _ranker_errors(server) -> dict[str, float]:
+    """gpurec_ranker_errors_total of version 2 by kind, read from the metrics endpoint."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for labels, value in re.findall(r"^gpurec_ranker_errors_total\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        parsed = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if parsed.get("model") == "ranker" and parsed.get("version") == "2":
+            out[parsed["kind"]] = float(value)
+    return out
+
+
+def test_huge_dense_value_fails_alone_in_its_batch_and_is_counted(server, http, rows, reference):
+    """Finite 1e38 dense values overflow the model (inf - inf in the first layers: NaN scores):
+    that request gets an error of kind non_finite_output, the requests batched with it get their
+    exact scores, the server stays up and the per-kind counter moves by exactly one."""
+    arrays, _ = rows
+    before = _ranker_errors(server)
+    assert before.keys() >= {"non_finite_input", "non_finite_output", "bad_shape", "missing_input", "scoring_failed"}
+    hostile = {name: a[:4].copy() for name, a in arrays.items()}
+    hostile["dense"][1, :] = 1e38  # one row of four; a single huge column may only saturate a sigmoid
+    goods = [{name: a[i : i + 4] for name, a in arrays.items()} for i in range(8, 64, 8)]
+    stats_before = _ranker_stats(http)
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=8)
+    try:  # sent together: the 20 ms queue delay merges them into one or two executions
+        pending = [client.async_infer("ranker", _inputs(httpclient, r)) for r in [goods[0], hostile, *goods[1:]]]
+        outcomes = []
+        for request in pending:
+            try:
+                outcomes.append(request.get_result().as_numpy("score").reshape(-1))
+            except InferenceServerException as err:
+                outcomes.append(err)
+    finally:
+        client.close()
+    refused = outcomes.pop(1)
+    assert isinstance(refused, InferenceServerException), "a NaN/inf score was returned with a success status"
+    assert "ranker: non_finite_output:" in refused.message() and refused.status() == "500"
+    for start, got in zip(range(8, 64, 8), outcomes, strict=True):
+        np.testing.assert_allclose(got, reference["score"][start : start + 4], atol=TOLERANCE, rtol=0)
+    _, executions, _ = (a - b for a, b in zip(_ranker_stats(http), stats_before, strict=True))
+    assert executions < len(pending), "the hostile request was not batched with the others"
+    after = _ranker_errors(server)
+    assert after["non_finite_output"] - before["non_finite_output"] == 1
+    assert after["non_finite_input"] == before["non_finite_input"]
+    # The server keeps serving, and a following valid request is exact.
+    np.testing.assert_allclose(_rank(http, httpclient, arrays, ["score"])["score"], reference["score"], atol=TOLERANCE, rtol=0)
+    assert server.running()
+
+
+def test_non_finite_inputs_are_refused_up_front_by_kind(server, http, grpc, rows, reference):
+    arrays, item_ids = rows
+    before = _ranker_errors(server)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = {**arrays, "dense": arrays["dense"].copy()}
+        bad["dense"][3, 2] = value
+        for client, module in ((http, httpclient), (grpc, grpcclient)):
+            with pytest.raises(InferenceServerException, match="ranker: non_finite_input:") as raised:
+                _rank(client, module, bad, ["score"])
+            assert raised.value.status() in ("400", "StatusCode.INVALID_ARGUMENT")
+    after = _ranker_errors(server)
+    assert after["non_finite_input"] - before["non_finite_input"] == 6
+    assert after["non_finite_output"] == before["non_finite_output"]
+    # recommend relays the ranker: a NaN/inf score is its failure (500), not a top-k of NaN.
+    huge = {**arrays, "dense": arrays["dense"].copy()}
+    huge["dense"][0, :] = 1e38
+    with pytest.raises(InferenceServerException, match="non_finite_output") as raised:
+        _recommend(http, httpclient, huge, item_ids, 5)
+    assert raised.value.status() == "500"
+    np.testing.assert_allclose(_rank(grpc, grpcclient, arrays, ["score"])["score"], reference["score"], atol=TOLERANCE, rtol=0)

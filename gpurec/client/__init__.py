@@ -5,6 +5,7 @@
         result = client.rank(user, candidates)          # .tasks["like"], .tasks["finish"], .score
         top = client.recommend(user, 5, candidates)     # .item_ids, .scores, .indices
         feed = client.feed(user_id, 6)                  # the live feed: .item_ids, .scores, .request_id
+        client.set_consent(user_id, personalisation=False, training=False)  # effective at the next request
 
 - `RankerClient` (blocking) and `AsyncRankerClient` (asyncio), HTTP or gRPC, with timeouts and
   retries with exponential backoff for an unreachable server;
@@ -17,8 +18,17 @@ tritonclient's HTTP or gRPC module is imported when a client of that protocol is
 """
 
 from gpurec.client.aio import AsyncRankerClient
-from gpurec.client.errors import ClientError, InvalidRequest, ServerError, ServerUnavailable, UnknownModel
+from gpurec.client.errors import (
+    ClientError,
+    InvalidRequest,
+    NonFiniteInput,
+    NonFiniteOutput,
+    ServerError,
+    ServerUnavailable,
+    UnknownModel,
+)
 from gpurec.client.features import (
+    ConsentResult,
     FeedRequest,
     FeedResult,
     RankRequest,
@@ -34,9 +44,12 @@ from gpurec.client.sync import RankerClient
 __all__ = [
     "AsyncRankerClient",
     "ClientError",
+    "ConsentResult",
     "FeedRequest",
     "FeedResult",
     "InvalidRequest",
+    "NonFiniteInput",
+    "NonFiniteOutput",
     "RankRequest",
     "RankResult",
     "RankerClient",

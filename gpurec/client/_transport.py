@@ -18,8 +18,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpurec.client.errors import ClientError, InvalidRequest, ServerError, ServerUnavailable, UnknownModel
-from gpurec.client.features import FeedResult, RankResult, Recommendation
+from gpurec.client.errors import (
+    ClientError,
+    InvalidRequest,
+    NonFiniteInput,
+    NonFiniteOutput,
+    ServerError,
+    ServerUnavailable,
+    UnknownModel,
+)
+from gpurec.client.features import ConsentResult, FeedResult, RankResult, Recommendation
 from gpurec.serve.contract import (
     CANDIDATE_IDS_INPUT,
     K_INPUT,
@@ -29,10 +37,18 @@ from gpurec.serve.contract import (
     TOPK_SCORES_OUTPUT,
     ServingContract,
 )
-from gpurec.serve.feed_contract import ITEM_IDS_OUTPUT, MODEL_VERSION_OUTPUT, REQUEST_ID_OUTPUT, SCORES_OUTPUT
+from gpurec.serve.feed_contract import (
+    ITEM_IDS_OUTPUT,
+    MODEL_VERSION_OUTPUT,
+    PERSONALISATION,
+    REQUEST_ID_OUTPUT,
+    SCORES_OUTPUT,
+    TRAINING,
+    TS_INPUT,
+)
 
 Protocol = Literal["http", "grpc"]
-_TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}
+_TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.bool_): "BOOL"}
 # Substrings of server/transport messages that mean "not reachable now" (worth a retry).
 _UNAVAILABLE = (
     "unavailable",
@@ -121,6 +137,19 @@ def parse_feed(result: Any) -> FeedResult:
     )
 
 
+def consent_outputs(module: ModuleType) -> list:
+    return [module.InferRequestedOutput(n) for n in (PERSONALISATION, TRAINING, TS_INPUT)]
+
+
+def parse_consent(result: Any, user_id: int) -> ConsentResult:
+    return ConsentResult(
+        user_id=int(user_id),
+        personalisation=bool(_output(result, PERSONALISATION).reshape(-1)[0]),
+        training=bool(_output(result, TRAINING).reshape(-1)[0]),
+        ts_ms=int(_output(result, TS_INPUT).reshape(-1)[0]),
+    )
+
+
 def parse_rank(result: Any, contract: ServingContract, rows: int) -> RankResult:
     out = {name: _output(result, name).reshape(-1) for name in (*contract.tasks, SCORE_OUTPUT)}
     if any(v.shape[0] != rows for v in out.values()):
@@ -158,6 +187,11 @@ def translate(err: BaseException, model: str, url: str, protocol: str) -> Client
         not status.startswith("4") and any(s in lowered for s in _UNAVAILABLE) and "ranker:" not in lowered
     ):
         return ServerUnavailable(f"Triton server at {where} is unreachable: {text}")
+    # The models' own kinds (`ranker: non_finite_output: ...`), also when relayed by recommend or feed.
+    if "non_finite_output" in lowered:
+        return NonFiniteOutput(f"model {model!r} on {where} refused to return NaN/inf scores: {text}")
+    if "non_finite_input" in lowered:
+        return NonFiniteInput(f"the server refused the request to {model!r}: {text}")
     if (any(s in lowered for s in _UNKNOWN_MODEL) and model in text) or "not_found" in status:
         return UnknownModel(f"model {model!r} is not available on the Triton server at {where}: {text}")
     if status == "503":  # the model answered UNAVAILABLE (the feed has no candidates yet)

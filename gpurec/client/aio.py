@@ -23,6 +23,7 @@ from gpurec.client import _transport as tr
 from gpurec.client.base import RankerClientBase
 from gpurec.client.errors import ClientError, ServerUnavailable
 from gpurec.client.features import (
+    ConsentResult,
     Features,
     FeedRequest,
     FeedResult,
@@ -31,6 +32,7 @@ from gpurec.client.features import (
     Recommendation,
     RecommendRequest,
     build_rows,
+    check_consent,
     check_feed,
 )
 from gpurec.serve.contract import DENSE_INPUT
@@ -76,6 +78,16 @@ class AsyncRankerClient(RankerClientBase):
             self.feed_model, lambda: self._infer(self.feed_model, arrays, tr.feed_outputs(self._tensors))
         )
         return tr.parse_feed(result)
+
+    async def set_consent(
+        self, user_id: int, personalisation: bool | None = None, training: bool | None = None, ts_ms: int | None = None
+    ) -> ConsentResult:
+        """Change a user's consent, effective at their next feed request (see `RankerClient.set_consent`)."""
+        arrays = check_consent(user_id, personalisation, training, ts_ms)
+        result = await self._with_retries(
+            self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
+        )
+        return tr.parse_consent(result, user_id)
 
     async def feed_many(self, requests: Sequence[FeedRequest]) -> list[FeedResult]:
         """`feed` for many users concurrently, results in request order; the first failure is raised."""

@@ -10,7 +10,7 @@ import numpy as np
 from gpurec.client import _transport as tr
 from gpurec.client.features import RecommendRequest, build_rows, candidate_ids, check_k, load_contract
 from gpurec.serve.contract import RANKER_MODEL, RECOMMEND_MODEL, ServingContract
-from gpurec.serve.feed_contract import FEED_MODEL
+from gpurec.serve.feed_contract import CONSENT_MODEL, FEED_MODEL
 
 
 class RankerClientBase:
@@ -34,6 +34,7 @@ class RankerClientBase:
         ranker_model: str = RANKER_MODEL,
         recommend_model: str = RECOMMEND_MODEL,
         feed_model: str = FEED_MODEL,
+        consent_model: str = CONSENT_MODEL,
     ) -> None:
         self.url = tr.check_url(url)
         self.protocol = tr.check_protocol(protocol)
@@ -45,6 +46,7 @@ class RankerClientBase:
         self.ranker_model = ranker_model
         self.recommend_model = recommend_model
         self.feed_model = feed_model
+        self.consent_model = consent_model
         self._tensors = tr.tensors_module(self.protocol)
         self._client: Any = None
 

@@ -4,6 +4,9 @@ Every failure of `gpurec.client` is one of these, never a raw tritonclient, gRPC
 exception: the original is kept as ``__cause__`` for debugging. The split follows what a caller
 does next: fix the request (`InvalidRequest`), fix the deployment (`UnknownModel`), try again
 later or fail over (`ServerUnavailable`, already retried), or report a server bug (`ServerError`).
+NaN/inf have their own subclasses: `NonFiniteInput` (the request held them) and `NonFiniteOutput`
+(finite inputs drove the model to NaN/inf scores, e.g. a dense value of 1e38; the server refuses
+to answer such scores).
 """
 
 from __future__ import annotations
@@ -31,3 +34,13 @@ class ServerUnavailable(ClientError, ConnectionError):
 
 class ServerError(ClientError, RuntimeError):
     """The server received the request and the model failed on it (the server's message is kept)."""
+
+
+class NonFiniteInput(InvalidRequest):
+    """A dense value is NaN or infinite (checked before sending; the server refuses it too)."""
+
+
+class NonFiniteOutput(ServerError):
+    """The model produced NaN or infinite scores for this request's rows, so the server answered
+    an error instead. Usually inputs far out of the training range (a huge dense value); not
+    retried: the same rows would fail again."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gpurec.client.errors import InvalidRequest
+from gpurec.client.errors import InvalidRequest, NonFiniteInput
 from gpurec.serve.contract import (
     CONTRACT_FILE,
     DENSE_INPUT,
@@ -34,7 +34,14 @@ from gpurec.serve.contract import (
     assemble_rows,
     hash_raw_features,
 )
-from gpurec.serve.feed_contract import N_INPUT, REQUEST_ID_INPUT, TS_INPUT, USER_ID_INPUT
+from gpurec.serve.feed_contract import (
+    N_INPUT,
+    PERSONALISATION,
+    REQUEST_ID_INPUT,
+    TRAINING,
+    TS_INPUT,
+    USER_ID_INPUT,
+)
 
 Features = Mapping[str, Any]
 INT64_MIN, INT64_MAX, INT32_MAX = -(2**63), 2**63 - 1, 2**31 - 1
@@ -110,6 +117,37 @@ class FeedResult:
         return int(self.item_ids.shape[0])
 
 
+@dataclass(frozen=True)
+class ConsentResult:
+    """A user's consent after a change, as the server recorded it (effective at their next request)."""
+
+    user_id: int
+    personalisation: bool
+    training: bool
+    ts_ms: int
+
+
+def check_consent(
+    user_id: int, personalisation: bool | None, training: bool | None, ts_ms: int | None
+) -> dict[str, np.ndarray]:
+    """The consent model's input arrays (InvalidRequest for a bad id, time or flag, or no flag)."""
+    if isinstance(user_id, bool) or not isinstance(user_id, int | np.integer) or not INT64_MIN <= int(user_id) <= INT64_MAX:
+        raise InvalidRequest(f"invalid request: consent user_id must be a 64-bit integer, got {user_id!r}")
+    if ts_ms is not None and (isinstance(ts_ms, bool) or not isinstance(ts_ms, int | np.integer) or not 0 <= int(ts_ms) <= INT64_MAX):
+        raise InvalidRequest(f"invalid request: consent ts_ms must be epoch milliseconds (>= 0), got {ts_ms!r}")
+    flags = {PERSONALISATION: personalisation, TRAINING: training}
+    for name, flag in flags.items():
+        if flag is not None and not isinstance(flag, bool | np.bool_):
+            raise InvalidRequest(f"invalid request: consent {name} must be True, False or None, got {flag!r}")
+    if personalisation is None and training is None:
+        raise InvalidRequest("invalid request: consent needs personalisation, training or both")
+    arrays = {USER_ID_INPUT: np.array([user_id], dtype=np.int64)}
+    arrays.update({name: np.array([flag], dtype=np.bool_) for name, flag in flags.items() if flag is not None})
+    if ts_ms is not None:
+        arrays[TS_INPUT] = np.array([ts_ms], dtype=np.int64)
+    return arrays
+
+
 def load_contract(source: ServingContract | str | Path) -> ServingContract:
     """A contract from itself, a `contract.json`, a model version directory, or a model repository
     (then the newest version of `ranker`): the client validates against what the server was built with."""
@@ -167,7 +205,8 @@ def build_rows(contract: ServingContract, user: Features | None, candidates: Fea
             rows = assemble_rows(contract, user, candidates)
         contract.validate_rows(rows)
     except ContractError as err:
-        raise InvalidRequest(f"invalid request: {err}") from err
+        kind = NonFiniteInput if "NaN or infinite" in str(err) else InvalidRequest
+        raise kind(f"invalid request: {err}") from err
     except (TypeError, ValueError) as err:
         if isinstance(err, InvalidRequest):
             raise

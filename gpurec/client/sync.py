@@ -25,6 +25,7 @@ from gpurec.client import _transport as tr
 from gpurec.client.base import RankerClientBase
 from gpurec.client.errors import ClientError, ServerUnavailable
 from gpurec.client.features import (
+    ConsentResult,
     Features,
     FeedRequest,
     FeedResult,
@@ -33,6 +34,7 @@ from gpurec.client.features import (
     Recommendation,
     RecommendRequest,
     build_rows,
+    check_consent,
     check_feed,
 )
 from gpurec.serve.contract import DENSE_INPUT
@@ -91,6 +93,22 @@ class RankerClient(RankerClientBase):
         arrays = check_feed(FeedRequest(user_id, n, ts_ms, request_id))
         result = self._with_retries(self.feed_model, lambda: self._infer(self.feed_model, arrays, tr.feed_outputs(self._tensors)))
         return tr.parse_feed(result)
+
+    def set_consent(
+        self, user_id: int, personalisation: bool | None = None, training: bool | None = None, ts_ms: int | None = None
+    ) -> ConsentResult:
+        """Change a user's consent (None: keep that flag), effective at their next feed request.
+
+        Without personalisation consent the feed ranks without their profile (popular items of their
+        region and language); without training consent nothing they are shown becomes a training
+        example. `ts_ms` is the change's event time (default: the server's clock). Idempotent, so a
+        retry after `ServerUnavailable` is safe; an unknown user raises `InvalidRequest`.
+        """
+        arrays = check_consent(user_id, personalisation, training, ts_ms)
+        result = self._with_retries(
+            self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
+        )
+        return tr.parse_consent(result, user_id)
 
     # ---- many users, concurrently -------------------------------------------------------------
 

@@ -291,14 +291,40 @@ class RedisFeatureStore(OnlineFeatureStore):
 
     # --- reads -----------------------------------------------------------------------------------
 
-    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int) -> FeatureRows:
+    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int, profiled: bool = True) -> FeatureRows:
         ids = item_ids.tolist()
         keys = [self._key("u", user_id), *(self._key("i", iid) for iid in ids)]
         values = self._read_script(keys=keys, args=self._read_args)
         n_user = len(self._fields["users"])
         user = _columns(self.layout.users, values[:n_user], 1)
         items = _columns(self.layout.items, values[n_user:], len(ids))
-        return assemble(self.layout, user_id, user, item_ids, items, ts_ms)
+        return assemble(self.layout, user_id, user, item_ids, items, ts_ms, profiled)
+
+    def _set_consent(self, user_id: int, personalisation: bool | None, training: bool | None) -> tuple[bool, bool] | None:
+        """Rewrite the flags inside the user's packed row: WATCH the user's hash, read, MULTI/EXEC,
+        again if another writer changed the hash meanwhile (a profile put, another consent change)."""
+        key = self._key("u", user_id)
+        columns = self.layout.users.numeric_columns
+        at = {flag: columns.index(f"consent_{flag}") for flag in ("personalisation", "training")}
+        with self._redis.pipeline(transaction=True) as pipe:
+            for _ in range(MAX_WATCH_RETRIES):
+                try:
+                    pipe.watch(key)
+                    row = pipe.hget(key, ROW_FIELD)
+                    if row is None:
+                        pipe.unwatch()
+                        return None
+                    values = np.frombuffer(row, "<i8").copy()
+                    for flag, value in (("personalisation", personalisation), ("training", training)):
+                        if value is not None:
+                            values[at[flag]] = int(value)
+                    pipe.multi()
+                    pipe.hset(key, ROW_FIELD, values.astype("<i8").tobytes())
+                    pipe.execute()
+                    return bool(values[at["personalisation"]]), bool(values[at["training"]])
+                except redis.WatchError:
+                    continue
+        raise RuntimeError(f"feature store: {MAX_WATCH_RETRIES} conflicting writes to user {user_id}'s profile in a row")
 
     def stats(self) -> dict[str, int]:
         """Key counts under the prefix (for monitoring and tests; scans the keyspace)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from gpurec.data.hashing_core import hash_raw_values
+from gpurec.data.hashing_core import PAD_ID, hash_raw_values
 from gpurec.errors import InvalidInput
 from gpurec.features.events import Batch, as_table, column, int_column
 from gpurec.features.layout import Layout, TableLayout, unknown_sparse_id
@@ -22,6 +22,10 @@ from gpurec.features.store import FeatureRows
 from gpurec.preprocess.counters import COUNTS
 
 EMPTY_IDS = np.zeros(0, np.int64)
+NON_PROFILED_USER_FEATURES: tuple[str, ...] = ("user_region", "user_language")
+"""The only per-user inputs of a non-profiled request (a user without personalisation consent):
+where and in which language they watch, so popular items of their region can be ranked; never
+their id, device, counters or history."""
 
 
 def encode_ids(ids: np.ndarray) -> bytes:
@@ -103,33 +107,48 @@ class StoredRows:
 
 
 def assemble(
-    layout: Layout, user_id: int, user: StoredRows, item_ids: np.ndarray, items: StoredRows, ts_ms: int
+    layout: Layout,
+    user_id: int,
+    user: StoredRows,
+    item_ids: np.ndarray,
+    items: StoredRows,
+    ts_ms: int,
+    profiled: bool = True,
 ) -> FeatureRows:
     """The model inputs of one request (`user`: one row) from the stored rows; unknown rows get the
-    defaults (counters 0, so the priors; ids per `unknown_sparse_id`; no consent)."""
+    defaults (counters 0, so the priors; ids per `unknown_sparse_id`; no consent).
+
+    `profiled=False` (a user without personalisation consent): every per-user input is what an
+    anonymous user gets (counters 0, so the priors; no dimension values; `PAD_ID` for the user's id,
+    device and any other user feature), except `NON_PROFILED_USER_FEATURES` (region and language),
+    taken from the profile. The user id is not hashed in (an unknown user's would be), so the
+    inputs are the same for every user of one region and language. The consent flags and
+    `user_known` stay the profile's: the caller needs them.
+    """
     n = len(item_ids)
     user_known = bool(user.known[0])
     u_numeric = dict(zip(layout.users.numeric_columns, user.numeric[0].tolist(), strict=True))
     i_numeric = {c: items.numeric[:, j] for j, c in enumerate(layout.items.numeric_columns)}
     dense = layout.dense_matrix(
-        user.counts[0],
+        user.counts[0] if profiled else np.zeros_like(user.counts[0]),
         items.counts,
         {c: u_numeric[f"d_{c}"] for c in layout.users.dense_columns},
         {c: i_numeric[f"d_{c}"] for c in layout.items.dense_columns},
         items.known,
-        user_known,
+        user_known and profiled,
         ts_ms,
     )
     sparse: dict[str, np.ndarray] = {}
     multi: dict[str, list[np.ndarray]] = {}
     for f in layout.users.single:
-        sparse[f.name] = np.full(
-            n,
-            u_numeric[f"s_{f.name}"] if user_known else unknown_sparse_id(f, user_id, layout.users),
-            np.int64,
-        )
+        if not profiled:
+            kept = user_known and f.name in NON_PROFILED_USER_FEATURES
+            value = u_numeric[f"s_{f.name}"] if kept else PAD_ID
+        else:
+            value = u_numeric[f"s_{f.name}"] if user_known else unknown_sparse_id(f, user_id, layout.users)
+        sparse[f.name] = np.full(n, value, np.int64)
     for f in layout.users.multi:
-        multi[f.name] = [decode_ids(user.blobs[f"s_{f.name}"][0])] * n
+        multi[f.name] = [decode_ids(user.blobs[f"s_{f.name}"][0]) if profiled else EMPTY_IDS] * n
     missing = np.flatnonzero(~items.known)
     for f in layout.items.single:
         ids = i_numeric[f"s_{f.name}"].copy()
@@ -154,4 +173,12 @@ def assemble(
     )
 
 
-__all__ = ["DimensionRows", "StoredRows", "assemble", "decode_ids", "dimension_rows", "encode_ids"]
+__all__ = [
+    "NON_PROFILED_USER_FEATURES",
+    "DimensionRows",
+    "StoredRows",
+    "assemble",
+    "decode_ids",
+    "dimension_rows",
+    "encode_ids",
+]

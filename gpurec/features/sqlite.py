@@ -230,7 +230,7 @@ class SQLiteFeatureStore(OnlineFeatureStore):
 
     # --- reads -----------------------------------------------------------------------------------
 
-    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int) -> FeatureRows:
+    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int, profiled: bool = True) -> FeatureRows:
         ids = item_ids.tolist()
         with self._lock:
             self._db.execute("BEGIN")  # one snapshot for the user and the items
@@ -244,8 +244,18 @@ class SQLiteFeatureStore(OnlineFeatureStore):
                 self._db.execute("COMMIT")
         users = StoredRows.from_found(self.layout.users, [user_id], user)
         return assemble(
-            self.layout, user_id, users, item_ids, StoredRows.from_found(self.layout.items, ids, found), ts_ms
+            self.layout, user_id, users, item_ids, StoredRows.from_found(self.layout.items, ids, found), ts_ms, profiled
         )
+
+    def _set_consent(self, user_id: int, personalisation: bool | None, training: bool | None) -> tuple[bool, bool] | None:
+        with self._write() as db:  # one statement: a concurrent change of the other flag is not lost
+            row = db.execute(
+                "UPDATE users SET consent_personalisation = coalesce(?, consent_personalisation),"
+                " consent_training = coalesce(?, consent_training) WHERE user_id = ?"
+                " RETURNING consent_personalisation, consent_training",
+                (personalisation, training, user_id),
+            ).fetchone()
+        return None if row is None else (bool(row[0]), bool(row[1]))
 
     def stats(self) -> dict[str, int]:
         """Row counts per table (for monitoring and tests)."""

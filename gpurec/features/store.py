@@ -111,7 +111,25 @@ class OnlineFeatureStore(abc.ABC):
         """Count the likes and finishes of actions (request_id, item_id, ts or ts_ms, watch_ms, like)."""
 
     @abc.abstractmethod
-    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int) -> FeatureRows: ...
+    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int, profiled: bool = True) -> FeatureRows: ...
+
+    @abc.abstractmethod
+    def _set_consent(self, user_id: int, personalisation: bool | None, training: bool | None) -> tuple[bool, bool] | None: ...
+
+    def set_consent(
+        self, user_id: int, personalisation: bool | None = None, training: bool | None = None
+    ) -> tuple[bool, bool] | None:
+        """Change a user's consent flags in their profile (None: leave that flag as it is), in one
+        atomic write; returns (personalisation, training) after it, or None for a user the store has
+        no profile of (nothing is written). The next `read` sees the change."""
+        for name, flag in (("personalisation", personalisation), ("training", training)):
+            if flag is not None and not isinstance(flag, bool | np.bool_):
+                raise InvalidInput(f"set_consent: {name} must be True, False or None, got {flag!r}")
+        return self._set_consent(
+            _int(user_id, "user_id"),
+            None if personalisation is None else bool(personalisation),
+            None if training is None else bool(training),
+        )
 
     @abc.abstractmethod
     def prune(self, before_ms: int) -> None:
@@ -125,9 +143,14 @@ class OnlineFeatureStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def read(self, user_id: int, item_ids: Sequence[int] | np.ndarray, ts_ms: int) -> FeatureRows:
-        """The model inputs of `item_ids` for `user_id` at request time `ts_ms` (epoch ms), as of now."""
-        return self._read(_int(user_id, "user_id"), _ids(item_ids), _int(ts_ms, "ts_ms"))
+    def read(
+        self, user_id: int, item_ids: Sequence[int] | np.ndarray, ts_ms: int, profiled: bool = True
+    ) -> FeatureRows:
+        """The model inputs of `item_ids` for `user_id` at request time `ts_ms` (epoch ms), as of now.
+
+        `profiled=False`: no per-user input but the user's region and language (for a user without
+        personalisation consent; see `gpurec.features.rows.assemble`)."""
+        return self._read(_int(user_id, "user_id"), _ids(item_ids), _int(ts_ms, "ts_ms"), bool(profiled))
 
     def __enter__(self) -> OnlineFeatureStore:
         return self

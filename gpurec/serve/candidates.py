@@ -374,33 +374,64 @@ class CandidateSource:
             user = self._users.get(user_id)
             region = None if user is None else user.region
             seen = set().union(*(shown for _, shown in user.recent)) if user is not None else set()
-        total = c.total if limit is None else min(limit, c.total)
-        chosen: dict[int, None] = {}  # insertion-ordered set
-        excluded = 0
-
-        def take(ids: list[int], quota: int) -> int:
-            nonlocal excluded
-            taken = 0
-            for item_id in ids:
-                if taken >= quota or len(chosen) >= total:
-                    break
-                if item_id in chosen:
-                    continue
-                if item_id in seen:
-                    excluded += 1
-                    continue
-                chosen[item_id] = None
-                taken += 1
-            return taken
-
         fresh = _visible(pools.fresh, now_ms - c.fresh_window_ms, now_ms)
         trending = _visible(pools.trending, None, now_ms)
         regional = _visible(pools.regional[region], None, now_ms) if region in pools.regional else []
-        counts = [take(fresh, c.fresh), take(regional, c.regional), take(trending, c.trending)]
-        for i, ids in ((2, trending), (0, fresh), (1, regional)):  # a short pool's share goes to the others
-            counts[i] += take(ids, total)
-        ids = np.fromiter(chosen, np.int64, len(chosen))
-        return Candidates(ids, fresh=counts[0], regional=counts[1], trending=counts[2], excluded=excluded)
+        # a short pool's share goes to the others: trending first, then fresh, then regional
+        return _choose((fresh, regional, trending), (c.fresh, c.regional, c.trending), (2, 0, 1), seen, self._total(limit))
+
+    def popular(self, region: RegionKey | None, now_ms: int, limit: int | None = None) -> Candidates:
+        """Candidates of a request without a profile (a user without personalisation consent).
+
+        Popularity only: the items trending in `region` (the user's hashed region and language, from
+        their profile) and globally; fresh uploads only fill in when those run short (a new
+        deployment with no engagement yet). Nothing else of the user is read: not their recent
+        items, not the region remembered from their requests. So at one event time every user of
+        one region and language gets the same candidates, in the same order.
+        """
+        c = self.config
+        pools = self._pools
+        fresh = _visible(pools.fresh, now_ms - c.fresh_window_ms, now_ms)
+        trending = _visible(pools.trending, None, now_ms)
+        regional = _visible(pools.regional[region], None, now_ms) if region in pools.regional else []
+        return _choose((fresh, regional, trending), (0, c.regional, c.trending), (2, 1, 0), set(), self._total(limit))
+
+    def _total(self, limit: int | None) -> int:
+        return self.config.total if limit is None else min(limit, self.config.total)
+
+
+def _choose(
+    pools: tuple[list[int], list[int], list[int]],
+    quotas: tuple[int, int, int],
+    fill_order: tuple[int, int, int],
+    seen: set[int],
+    total: int,
+) -> Candidates:
+    """Distinct items from the (fresh, regional, trending) pools: each pool's quota, then the pools
+    in `fill_order` up to `total`; items in `seen` are skipped (and counted)."""
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    excluded = 0
+
+    def take(ids: list[int], quota: int) -> int:
+        nonlocal excluded
+        taken = 0
+        for item_id in ids:
+            if taken >= quota or len(chosen) >= total:
+                break
+            if item_id in chosen:
+                continue
+            if item_id in seen:
+                excluded += 1
+                continue
+            chosen[item_id] = None
+            taken += 1
+        return taken
+
+    counts = [take(ids, quota) for ids, quota in zip(pools, quotas, strict=True)]
+    for i in fill_order:
+        counts[i] += take(pools[i], total)
+    ids = np.fromiter(chosen, np.int64, len(chosen))
+    return Candidates(ids, fresh=counts[0], regional=counts[1], trending=counts[2], excluded=excluded)
 
 
 def _visible(pool: _Pool, start_ms: int | None, now_ms: int) -> list[int]:

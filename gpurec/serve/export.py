@@ -14,6 +14,8 @@ always calls the `ranker` version it was exported with):
     REPO/feed/config.pbtxt              parameters: feature store, event log, knobs (feed_settings.py)
     REPO/feed/N/model.py                triton_models/feed/model.py (BLS: candidates -> store -> ranker N -> log)
     REPO/feed/N/contract.json
+    REPO/consent/config.pbtxt           parameters: the feed's feature store and event log
+    REPO/consent/N/model.py             triton_models/consent/model.py (consent change -> store + `consent` topic)
 
 Before a version is moved into place the saved artifact is loaded back and compared with the
 eager model on generated rows, so a repository never holds an artifact whose scores differ
@@ -49,10 +51,11 @@ from gpurec.serve.contract import (
     SCORE_OUTPUT,
     ServingContract,
 )
-from gpurec.serve.feed_contract import FEED_MODEL
+from gpurec.serve.feed_contract import CONSENT_MODEL, FEED_MODEL
 from gpurec.serve.feed_settings import FeedSettings, normalise_url
 from gpurec.serve.model_config import (
     BatchingConfig,
+    consent_config,
     feed_config,
     instance_kind,
     ranker_config,
@@ -63,7 +66,8 @@ from gpurec.sync import deltafile
 TRITON_MODELS = Path(__file__).resolve().parents[2] / "triton_models"
 """The python-backend model code, kept at the repository root (a source checkout / editable install)."""
 
-MODELS = (RANKER_MODEL, RECOMMEND_MODEL, FEED_MODEL)
+MODELS = (RANKER_MODEL, RECOMMEND_MODEL, FEED_MODEL, CONSENT_MODEL)
+CONSENT_PARAMETERS = ("feature_store", "event_log", "served_partitions")  # the feed's settings it shares
 DELTA_CODE = "gpurec_deltas.py"  # beside the ranker's model.py: gpurec/sync/deltafile.py
 DEFAULT_MAX_BATCH_SIZE = 1024
 CHECK_TOLERANCE = 1e-5
@@ -199,7 +203,7 @@ def export_repository(
     use_gpu: bool | None = None,
     feed: FeedSettings | None = None,
 ) -> ExportResult:
-    """Export the checkpoint's model as the next version of `ranker`, `recommend` and `feed` in `repo`.
+    """Export the checkpoint's model as the next version of `ranker`, `recommend`, `feed` and `consent` in `repo`.
 
     `feed` holds the feed's settings (feature store and event log URLs, knobs) for
     `feed/config.pbtxt`; without URLs the feed loads but answers UNAVAILABLE until the server is
@@ -235,6 +239,8 @@ def export_repository(
     _write_atomic(repo / RANKER_MODEL / "config.pbtxt", ranker_config(contract, kind, batching))
     _write_atomic(repo / RECOMMEND_MODEL / "config.pbtxt", recommend_config(contract))
     _write_atomic(repo / FEED_MODEL / "config.pbtxt", feed_config(feed.parameters()))
+    consent = {k: v for k, v in feed.parameters().items() if k in CONSENT_PARAMETERS}
+    _write_atomic(repo / CONSENT_MODEL / "config.pbtxt", consent_config(consent))
     return ExportResult(repo=repo, version=version, contract=contract, max_abs_diff=max_diff)
 
 

@@ -9,13 +9,17 @@ ranker as a BLS call; a test or a benchmark can give it any scoring function. On
    read that fails, times out, or finds the store unreachable degrades to default features (the
    store's priors: counters 0; the item metadata the candidate source has; unknown user) and is
    counted; degraded rows carry `consent_training=False`, so they are never trained on;
+   2b. a user without personalisation consent (or unknown, or whose consent could not be read) gets
+   the non-profiled feed instead: popular candidates of their region and language plus global
+   ones, read without any per-user input but region and language (`_non_profiled`), logged
+   with `consent_training=False`;
 3. `score(inputs)`: the ranker's scores (the BLS call to `ranker`, whose dynamic batcher merges
    concurrent users);
 4. the top n; one `ServedRow` per shown item (exactly the inputs the ranker scored) handed to the
    `ServedLogWriter` (a failure to log never fails the request; it is counted).
 
 Bad requests raise `FeedRequestError` (INVALID_ARG); an unknown user is a cold start, not an error.
-Metrics are buffered in `FeedMetrics` and flushed by the model to Triton's metrics endpoint.
+Metrics are buffered in a `ModelMetrics` and flushed by the model to Triton's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -25,11 +29,9 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -40,29 +42,18 @@ from gpurec.features.store import FeatureRows, OnlineFeatureStore, open_feature_
 from gpurec.preprocess.counters import COUNTS
 from gpurec.serve.candidates import ACTIONS_TOPIC, SERVED_TOPIC, Candidates, CandidateSource
 from gpurec.serve.contract import DENSE_INPUT, ServingContract
-from gpurec.serve.feed_settings import FeedSettings
+from gpurec.serve.feed_settings import FeedSettings, open_existing
 from gpurec.serve.items import items_table
+from gpurec.serve.model_metrics import CANDIDATE_BUCKETS, LATENCY_BUCKETS_MS, MetricSpec, ModelMetrics
 from gpurec.serve.served_log import ServedLogWriter
 from gpurec.serve.source_follower import SourceFollower
 from gpurec.stream.log import EventLog, Record, open_event_log
 from gpurec.stream.records import ModelInputs, ServedRow, encode, encode_inputs
 
 STORE_RETRY_S: Final = 5.0
-LATENCY_BUCKETS_MS: Final = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 250, 500, 1000, 2500)
-CANDIDATE_BUCKETS: Final = (0, 25, 50, 100, 150, 200, 250, 300, 400, 500, 1000)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    kind: str  # "counter" | "gauge" | "histogram"
-    description: str
-    buckets: tuple[float, ...] = ()
-
-
 METRICS: Final = (
     MetricSpec("gpurec_feed_requests_total", "counter", "Feed requests by outcome (ok, invalid, unavailable, failed)"),
-    MetricSpec("gpurec_feed_errors_total", "counter", "Feed requests that failed, by kind of error"),
+    MetricSpec("gpurec_feed_errors_total", "counter", "Feed requests that failed, by kind of error (invalid_argument, unavailable, ranker, non_finite_output, non_finite_input, internal)"),
     MetricSpec("gpurec_feed_latency_ms", "histogram", "Feed request latency inside the model (ms)", LATENCY_BUCKETS_MS),
     MetricSpec("gpurec_feed_stage_ms", "histogram", "Time per step of a feed request (ms)", LATENCY_BUCKETS_MS),
     MetricSpec("gpurec_feed_candidates", "histogram", "Candidates ranked per feed request", CANDIDATE_BUCKETS),
@@ -73,47 +64,8 @@ METRICS: Final = (
     MetricSpec("gpurec_feed_log_queue_batches", "gauge", "Requests whose served rows wait to be logged, per instance"),
     MetricSpec("gpurec_feed_source_lag_records", "gauge", "Records of the followed topics not read yet, per instance"),
     MetricSpec("gpurec_feed_source_errors_total", "counter", "Failures reading the event log for candidates"),
+    MetricSpec("gpurec_feed_requests_by_mode_total", "counter", "Answered feed requests by mode (personalised, non_profiled)"),
 )
-
-
-class FeedMetrics:
-    """Metric updates buffered for a periodic flush (a Triton metric update is an IPC round trip)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[tuple, float] = {}
-        self._gauges: dict[tuple, float] = {}
-        self._observed: dict[tuple, list[float]] = {}
-        self.totals: dict[tuple, float] = {}
-        """Every counter's running total, by (name, sorted labels): for in-process checks."""
-
-    @staticmethod
-    def key(name: str, labels: Mapping[str, str]) -> tuple:
-        return name, tuple(sorted(labels.items()))
-
-    def add(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = self.key(name, labels)
-        with self._lock:
-            self._counts[key] = self._counts.get(key, 0.0) + value
-            self.totals[key] = self.totals.get(key, 0.0) + value
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._gauges[self.key(name, labels)] = value
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._observed.setdefault(self.key(name, labels), []).append(value)
-
-    def total(self, name: str, **labels: str) -> float:
-        return self.totals.get(self.key(name, labels), 0.0)
-
-    def drain(self) -> tuple[dict[tuple, float], dict[tuple, float], dict[tuple, list[float]]]:
-        """Counter increments, gauge values and observations since the last drain."""
-        with self._lock:
-            out = self._counts, self._gauges, self._observed
-            self._counts, self._gauges, self._observed = {}, {}, {}
-        return out
 
 
 class FeedRequestError(InvalidInput):
@@ -125,7 +77,21 @@ class FeedUnavailable(GpurecError):
 
 
 class RankerFailed(GpurecError):
-    """The ranker refused or failed the candidates' rows."""
+    """The ranker refused or failed the candidates' rows; `kind` labels gpurec_feed_errors_total."""
+
+    def __init__(self, message: str, kind: str = "ranker") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @classmethod
+    def from_ranker(cls, message: str) -> RankerFailed:
+        """The ranker's error message (`ranker: <kind>: ...`) as a failure of that kind: NaN/inf
+        scores (`non_finite_output`) or NaN/inf features the feed built (`non_finite_input`)."""
+        kind = next((k for k in NON_FINITE_KINDS if f"{k}:" in message), "ranker")
+        return cls(message if message.startswith("ranker:") else f"ranker: {message}", kind)
+
+
+NON_FINITE_KINDS: Final = ("non_finite_output", "non_finite_input")
 
 
 @dataclass(frozen=True)
@@ -140,6 +106,13 @@ class FeedPlan:
     rows: FeatureRows
     inputs: dict[str, np.ndarray]
     degraded: str | None
+    personalised: bool = True
+    """False: ranked without the user's profile (no personalisation consent, unknown user, or a
+    store read that failed, so consent could not be checked); see `FeedService.plan`."""
+
+    @property
+    def mode(self) -> str:
+        return "personalised" if self.personalised else "non_profiled"
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -152,23 +125,6 @@ class FeedAnswer:
     item_ids: np.ndarray
     scores: np.ndarray
     model_version: str
-
-
-def _sqlite_path(url: str) -> Path | None:
-    """The file behind a SQLite URL or plain path (None for network backends)."""
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        return Path(parts.path[1:])
-    return None if parts.scheme and len(parts.scheme) > 1 else Path(url)
-
-
-def _open_existing(url: str, what: str, opener: Callable[[str], object]) -> object:
-    """Open a store or log, refusing to create a SQLite file: the feed is a reader of both, and a
-    mistyped path would otherwise serve from (or log into) an empty new file."""
-    path = _sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist (yet)")
-    return opener(url)
 
 
 def random_request_id() -> int:
@@ -184,13 +140,13 @@ class FeedService:
         settings: FeedSettings,
         contract: ServingContract,
         model_version: str,
-        metrics: FeedMetrics | None = None,
+        metrics: ModelMetrics | None = None,
         instance: str = "0",
     ) -> None:
         self.settings = settings
         self.contract = contract
         self.model_version = model_version
-        self.metrics = metrics or FeedMetrics()
+        self.metrics = metrics or ModelMetrics()
         self.instance = instance
         self.source = CandidateSource(settings.candidate_config())
         self.layout = Layout.from_features()
@@ -219,11 +175,11 @@ class FeedService:
         if url:
             self.follower = SourceFollower(
                 self.source,
-                lambda: _open_existing(url, "event log", open_event_log),  # type: ignore[return-value]
+                lambda: open_existing(url, "event log", open_event_log),  # type: ignore[return-value]
                 on_error=lambda err: self.metrics.add("gpurec_feed_source_errors_total"),
             ).start()
             self.writer = ServedLogWriter(
-                lambda: _open_existing(url, "event log", open_event_log),  # type: ignore[return-value]
+                lambda: open_existing(url, "event log", open_event_log),  # type: ignore[return-value]
                 SERVED_TOPIC,
                 prepare=self._create_served_topic,
                 on_failure=lambda rows, reason: self.metrics.add("gpurec_feed_log_failures_total", rows, reason=reason),
@@ -310,6 +266,9 @@ class FeedService:
                 raise
             except Exception as err:
                 raise RankerFailed(f"ranker: {type(err).__name__}: {err}") from err
+            if not np.isfinite(scores).all():  # never shown, logged or answered with NaN/inf scores
+                bad = int((~np.isfinite(scores)).sum())
+                raise RankerFailed(f"ranker: non_finite_output: {bad} of {scores.shape[0]} scores are NaN or infinite", "non_finite_output")
             self.metrics.observe("gpurec_feed_stage_ms", (time.perf_counter() - ranked) * 1e3, stage="rank")
             answer = self.answer(plan, scores)
         except FeedRequestError:
@@ -318,13 +277,14 @@ class FeedService:
         except FeedUnavailable:
             self._count_failure("unavailable", "unavailable")
             raise
-        except RankerFailed:
-            self._count_failure("failed", "ranker")
+        except RankerFailed as err:
+            self._count_failure("failed", err.kind)
             raise
         except Exception:
             self._count_failure("failed", "internal")
             raise
         self.metrics.add("gpurec_feed_requests_total", outcome="ok")
+        self.metrics.add("gpurec_feed_requests_by_mode_total", mode=plan.mode)
         self.metrics.observe("gpurec_feed_latency_ms", (time.perf_counter() - started) * 1e3)
         return answer
 
@@ -355,18 +315,48 @@ class FeedService:
             )
         t1 = time.perf_counter()
         rows, degraded = self._read(int(user_id), candidates.item_ids, ts_ms)
+        # Consent is read with the features, in the same round trip, so it is current at every request;
+        # without it (or without a profile, or with the store unreadable) the request starts over
+        # without the profile: a second read, paid only by those requests.
+        personalised = degraded is None and rows.consent_personalisation
+        if not personalised:
+            candidates, rows, degraded = self._non_profiled(int(user_id), rows, degraded, ts_ms)
         t2 = time.perf_counter()
         self.metrics.observe("gpurec_feed_stage_ms", (t1 - t0) * 1e3, stage="candidates")
         self.metrics.observe("gpurec_feed_stage_ms", (t2 - t1) * 1e3, stage="features")
         self.metrics.observe("gpurec_feed_candidates", len(candidates))
         if degraded:
             self.metrics.add("gpurec_feed_degraded_reads_total", reason=degraded)
-        elif rows.user_known:
+        elif rows.user_known and personalised:
             region = [rows.sparse.get(name) for name in ("user_region", "user_language")]
             if all(r is not None and len(r) for r in region):
                 self.source.note_user_region(int(user_id), (int(region[0][0]), int(region[1][0])))  # type: ignore[index]
         rid = random_request_id() if request_id is None else int(request_id)
-        return FeedPlan(rid, int(user_id), ts_ms, int(n), candidates, rows, self._ranker_inputs(rows), degraded)
+        return FeedPlan(rid, int(user_id), ts_ms, int(n), candidates, rows, self._ranker_inputs(rows), degraded, personalised)
+
+    def _non_profiled(
+        self, user_id: int, rows: FeatureRows, degraded: str | None, ts_ms: int
+    ) -> tuple[Candidates, FeatureRows, str | None]:
+        """The request without the user's profile (DSA Art. 38's non-profiled option): popular
+        candidates of the user's region and language plus global ones (`CandidateSource.popular`),
+        read with `profiled=False`, so the ranker sees no user id, device, counters or history, and
+        the user's recent items are not excluded. Every user of one region and language gets the same
+        feed at one event time. Why the ranker and not popularity alone: the same model ranks both
+        modes on everything that is not the user's (the items' quality and freshness, the hour, the
+        match with the user's region and language), with one scoring path and one served-row format.
+        """
+        region = None
+        if degraded is None and rows.user_known:
+            ids = [rows.sparse.get(name) for name in ("user_region", "user_language")]
+            if all(i is not None and len(i) for i in ids):
+                region = (int(ids[0][0]), int(ids[1][0]))  # type: ignore[index]
+        candidates = self.source.popular(region, ts_ms, limit=self.contract.max_batch_size)
+        if not len(candidates):
+            raise FeedUnavailable(f"feed: no popular candidates yet ({self._log_state()})")
+        if degraded is not None:  # the store just failed: do not wait on it twice
+            return candidates, self.default_rows(user_id, candidates.item_ids, ts_ms, profiled=False), degraded
+        rows, degraded = self._read(user_id, candidates.item_ids, ts_ms, profiled=False)
+        return candidates, rows, degraded
 
     def answer(self, plan: FeedPlan, scores: np.ndarray) -> FeedAnswer:
         """The top n of the plan by `scores`, its served rows handed to the log writer."""
@@ -412,7 +402,9 @@ class FeedService:
                     position=position,
                     model_version=self.model_version,
                     duration_ms=item.duration_ms if item is not None else 0,
-                    consent_training=bool(plan.rows.consent_training),
+                    # Non-profiled rows are never training examples: ranked without the profile,
+                    # their inputs hold no user id or history to learn that user from.
+                    consent_training=bool(plan.rows.consent_training) and plan.personalised,
                     inputs=encode_inputs(ModelInputs(tuple(dense[index].tolist()), sparse)),
                 )
             )
@@ -438,34 +430,36 @@ class FeedService:
         self._store_retry_at = time.monotonic() + STORE_RETRY_S
         try:
             timeout_s = max(1.0, 20 * self.settings.store_timeout_ms / 1000)  # the client's own bound on a hung call
-            self._store = _open_existing(  # type: ignore[assignment]
+            self._store = open_existing(  # type: ignore[assignment]
                 self.settings.feature_store, "feature store", lambda url: open_feature_store(url, timeout_s=timeout_s)
             )
             self._store_error = ""
         except Exception as err:
             self._store, self._store_error = None, f"{type(err).__name__}: {err}"
 
-    def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int) -> tuple[FeatureRows, str | None]:
+    def _read(
+        self, user_id: int, item_ids: np.ndarray, ts_ms: int, profiled: bool = True
+    ) -> tuple[FeatureRows, str | None]:
         """The store's rows, or the defaults and why (unavailable, busy, timeout, error)."""
         with self._lock:
             if self._store is None and time.monotonic() >= self._store_retry_at:
                 self._reopen_store()
             store = self._store
             if store is None:
-                return self.default_rows(user_id, item_ids, ts_ms), "unavailable"
+                return self.default_rows(user_id, item_ids, ts_ms, profiled), "unavailable"
             if self._pending_read is not None and not self._pending_read.done():
-                return self.default_rows(user_id, item_ids, ts_ms), "busy"  # the last read still hangs
-            future = self._reads.submit(store.read, user_id, item_ids, ts_ms)
+                return self.default_rows(user_id, item_ids, ts_ms, profiled), "busy"  # the last read still hangs
+            future = self._reads.submit(store.read, user_id, item_ids, ts_ms, profiled)
             self._pending_read = future
         try:
             return future.result(timeout=self.settings.store_timeout_ms / 1000), None
         except concurrent.futures.TimeoutError:
-            return self.default_rows(user_id, item_ids, ts_ms), "timeout"
+            return self.default_rows(user_id, item_ids, ts_ms, profiled), "timeout"
         except Exception as err:
             self._store_error = f"{type(err).__name__}: {err}"
-            return self.default_rows(user_id, item_ids, ts_ms), "error"
+            return self.default_rows(user_id, item_ids, ts_ms, profiled), "error"
 
-    def default_rows(self, user_id: int, item_ids: np.ndarray, ts_ms: int) -> FeatureRows:
+    def default_rows(self, user_id: int, item_ids: np.ndarray, ts_ms: int, profiled: bool = True) -> FeatureRows:
         """Features without the store: counters 0 (the priors), item metadata from the candidate
         source (hashed as the store would), the user unknown (no consent, so never trained on)."""
         layout = self.layout
@@ -479,18 +473,16 @@ class FeedService:
             found = [(key, *zeros, *numeric[j], *(b[j] for b in blobs)) for j, key in enumerate(dims.keys)]
         items = StoredRows.from_found(layout.items, item_ids.tolist(), found)
         user = StoredRows.from_found(layout.users, [user_id], [])
-        return assemble(layout, user_id, user, item_ids, items, ts_ms)
+        return assemble(layout, user_id, user, item_ids, items, ts_ms, profiled)
 
 
 __all__ = [
     "METRICS",
     "FeedAnswer",
-    "FeedMetrics",
     "FeedPlan",
     "FeedRequestError",
     "FeedService",
     "FeedUnavailable",
-    "MetricSpec",
     "RankerFailed",
     "random_request_id",
 ]

@@ -34,15 +34,26 @@ MODEL_VERSION_OUTPUT: Final = "model_version"
 DEFAULT_MAX_N: Final = 100
 """The most items one feed request may ask for, unless export sets another `max_n`."""
 
+# The `consent` model: one user's consent change, effective at their next feed request.
+#   inputs   user_id INT64 [1]; personalisation BOOL [1], training BOOL [1] (optional: a flag left
+#            out keeps its value, at least one is required); ts_ms INT64 [1] (optional: event time)
+#   outputs  personalisation BOOL [1], training BOOL [1] (the consent after the change), ts_ms INT64 [1]
+CONSENT_MODEL: Final = "consent"
+PERSONALISATION: Final = "personalisation"
+TRAINING: Final = "training"
+
 __all__ = [
+    "CONSENT_MODEL",
     "DEFAULT_MAX_N",
     "FEED_MODEL",
     "ITEM_IDS_OUTPUT",
     "MODEL_VERSION_OUTPUT",
     "N_INPUT",
+    "PERSONALISATION",
     "REQUEST_ID_INPUT",
     "REQUEST_ID_OUTPUT",
     "SCORES_OUTPUT",
+    "TRAINING",
     "TS_INPUT",
     "USER_ID_INPUT",
 ]

@@ -20,7 +20,7 @@ Standard library only: `gpurec serve` reads this before anything heavy is import
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -126,4 +126,21 @@ def normalise_url(url: str, what: str) -> str:
     return f"sqlite:///{resolved}{query}"
 
 
-__all__ = ["EVENT_LOG_ENV", "FEATURE_STORE_ENV", "FeedSettings", "normalise_url"]
+__all__ = ["EVENT_LOG_ENV", "FEATURE_STORE_ENV", "FeedSettings", "normalise_url", "open_existing"]
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL or plain path (None for network backends)."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        return Path(parts.path[1:])
+    return None if parts.scheme and len(parts.scheme) > 1 else Path(url)
+
+
+def open_existing(url: str, what: str, opener: Callable[[str], object]) -> object:
+    """Open a store or log, refusing to create a SQLite file: the feed is a reader of both, and a
+    mistyped path would otherwise serve from (or log into) an empty new file."""
+    path = _sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (yet)")
+    return opener(url)

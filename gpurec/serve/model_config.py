@@ -20,13 +20,16 @@ from dataclasses import dataclass
 
 from gpurec.serve.contract import RANKER_MODEL, RECOMMEND_MODEL, ServingContract, TensorSpec
 from gpurec.serve.feed_contract import (
+    CONSENT_MODEL,
     FEED_MODEL,
     ITEM_IDS_OUTPUT,
     MODEL_VERSION_OUTPUT,
     N_INPUT,
+    PERSONALISATION,
     REQUEST_ID_INPUT,
     REQUEST_ID_OUTPUT,
     SCORES_OUTPUT,
+    TRAINING,
     TS_INPUT,
     USER_ID_INPUT,
 )
@@ -111,11 +114,31 @@ def feed_config(parameters: dict[str, str], instance_count: int = 2) -> str:
         _feed_tensor(REQUEST_ID_OUTPUT, "TYPE_INT64", "1"),
         _feed_tensor(MODEL_VERSION_OUTPUT, "TYPE_STRING", "1"),
     ]
+    return _python_model(FEED_MODEL, inputs, outputs, parameters, instance_count)
+
+
+def consent_config(parameters: dict[str, str]) -> str:
+    """`consent`: one change per request (`gpurec.serve.consent`); one instance: changes are rare."""
+    inputs = [
+        _feed_tensor(USER_ID_INPUT, "TYPE_INT64", "1"),
+        _feed_tensor(PERSONALISATION, "TYPE_BOOL", "1", optional=True),
+        _feed_tensor(TRAINING, "TYPE_BOOL", "1", optional=True),
+        _feed_tensor(TS_INPUT, "TYPE_INT64", "1", optional=True),
+    ]
+    outputs = [
+        _feed_tensor(PERSONALISATION, "TYPE_BOOL", "1"),
+        _feed_tensor(TRAINING, "TYPE_BOOL", "1"),
+        _feed_tensor(TS_INPUT, "TYPE_INT64", "1"),
+    ]
+    return _python_model(CONSENT_MODEL, inputs, outputs, parameters, 1)
+
+
+def _python_model(name: str, inputs: list[str], outputs: list[str], parameters: dict[str, str], instance_count: int) -> str:
     params = ",\n".join(
         f'  {{\n    key: "{key}"\n    value: {{ string_value: {json.dumps(value, ensure_ascii=False)} }}\n  }}' for key, value in parameters.items()
     )
     return (
-        f'name: "{FEED_MODEL}"\n'
+        f'name: "{name}"\n'
         'backend: "python"\n'
         "max_batch_size: 0\n"
         + "input [\n" + ",\n".join(inputs) + "\n]\n"

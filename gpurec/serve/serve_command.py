@@ -6,18 +6,29 @@
 
 `--feature-store` / `--event-log` override, for the `feed` model, the URLs export wrote into
 `feed/config.pbtxt` (through GPUREC_FEATURE_STORE / GPUREC_EVENT_LOG in the server's environment).
+
+    gpurec serve --repo REPO --production --admin-key-file /run/secrets/gpurec_admin_key
+
+`--production`: no model control, gRPC only with `--grpc-port`, and the admin APIs (repository,
+config, statistics, shared memory, trace, logging) only for requests with the header
+`gpurec-admin-key` (the key from `--admin-key-file`, a file only its owner may read, or
+GPUREC_ADMIN_KEY; with neither, a random key nobody knows). See gpurec/serve/server.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import stat
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-from gpurec.checks import port, positive_float, require_dir
+from gpurec.checks import port, positive_float, require_dir, require_file
 from gpurec.errors import InputNotFound, InvalidInput
+from gpurec.serve.server import ADMIN_HEADER, ADMIN_KEY_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-log", default=None, help="the feed's event log, overriding feed/config.pbtxt")
     parser.add_argument("--sync-dir", type=Path, default=None, help="parameter deltas the ranker follows in place (gpurec train --online --sync-dir)")
     parser.add_argument("--verbose", action="store_true", help="verbose server log")
+    parser.add_argument(
+        "--production",
+        action="store_true",
+        help="least privilege: no model control, admin APIs need the admin key, gRPC only with --grpc-port",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=None,
+        help=f"file holding the admin key (mode 600; default: ${{{ADMIN_KEY_ENV}}}, else a random key); needs --production",
+    )
     parser.add_argument("--json", action="store_true", help="print the endpoints as one JSON object once ready")
 
 
@@ -41,6 +63,26 @@ def require_model_repository(repo: Path) -> Path:
     if not any(model.is_dir() and (model / "config.pbtxt").is_file() for model in repo.iterdir()):
         raise InputNotFound(f"--repo {repo} holds no model (no <model>/config.pbtxt); write one with `gpurec export --repo {repo}`")
     return repo
+
+
+def read_admin_key(path: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The admin key from `path` (readable by its owner only) or the environment; None for neither."""
+    from gpurec.serve.server import check_admin_key
+
+    if path is not None:
+        require_file(path, "--admin-key-file")
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InvalidInput(f"--admin-key-file {path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+        key, what = path.read_text().strip(), f"--admin-key-file {path}"
+    elif environ.get(ADMIN_KEY_ENV):
+        key, what = environ[ADMIN_KEY_ENV].strip(), ADMIN_KEY_ENV
+    else:
+        return None
+    try:
+        return check_admin_key(key)
+    except ValueError as err:
+        raise InvalidInput(f"{what}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
     if args.log is not None and args.log.is_dir():
         raise InvalidInput(f"--log {args.log} is a directory; give a file name")
+    if args.admin_key_file is not None and not args.production:
+        raise InvalidInput("--admin-key-file needs --production (without it every API is open on the bound address)")
+    admin_key = read_admin_key(args.admin_key_file, os.environ) if args.production else None
+    grpc = not args.production or args.grpc_port is not None
     env = {}
     if args.feature_store is not None:
         env[FEATURE_STORE_ENV] = normalise_url(args.feature_store, "--feature-store")
@@ -73,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         startup_timeout=args.timeout,
         verbose=args.verbose,
         env=env,
+        production=args.production,
+        admin_key=admin_key,
+        grpc=grpc,
     )
 
     def _terminate(signum: int, _frame: object) -> None:
@@ -82,13 +131,22 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
-        endpoints = {"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url, "log": str(server.log_path), "pid": server.pid}
+        grpc_url = server.grpc_url if grpc else None
+        endpoints = {
+            "http": server.http_url,
+            "grpc": grpc_url,
+            "metrics": server.metrics_url,
+            "log": str(server.log_path),
+            "pid": server.pid,
+            "production": args.production,
+        }
         if args.json:
             print(json.dumps(endpoints), flush=True)
         else:
+            guarded = f"\nproduction: model control off, admin APIs need the header {ADMIN_HEADER}" if args.production else ""
             print(
-                f"tritonserver ready on {args.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
-                f"metrics {server.metrics_url}\nlog: {server.log_path}   (Ctrl-C to stop)",
+                f"tritonserver ready on {args.repo}: HTTP {server.http_url}  gRPC {grpc_url or 'off'}  "
+                f"metrics {server.metrics_url}{guarded}\nlog: {server.log_path}   (Ctrl-C to stop)",
                 flush=True,
             )
         assert server.process is not None

@@ -28,6 +28,21 @@ Clean shutdown: the server runs in its own process group (its python-backend stu
 children), SIGTERM lets it unload models and remove its shared memory, SIGKILL of the whole group
 follows after a timeout, and the shared-memory files of this server (its own prefix, passed with
 `--backend-config=python,shm-region-prefix-name=...`) are removed if a crash left them.
+
+Production mode (`production=True`, `gpurec serve --production`): least privilege, every flag
+checked against the bundled tritonserver 2.51 (tests/test_serve_security.py):
+- `--model-control-mode=none`: the repository is loaded once at start; load/unload calls fail;
+- only HTTP (inference, health, metadata) and metrics listen; gRPC only when a gRPC port is
+  given; SageMaker and Vertex AI are off explicitly (Vertex turns itself on under AIP_MODE);
+- the admin APIs (`RESTRICTED_APIS`: model repository, model config, shared memory, statistics,
+  trace, logging) answer only requests carrying the header `gpurec-admin-key: <key>` (HTTP,
+  `--http-restricted-api`; over gRPC the metadata key is `triton-grpc-protocol-gpurec-admin-key`,
+  `--grpc-restricted-protocol`). A refused call is HTTP 403, gRPC UNAVAILABLE. Triton takes the key only on its
+  command line (no file or environment option in 2.51), so the key is visible in /proc/PID/cmdline
+  to users of the same host who can list processes: run the server as its own user or in a
+  container, and rotate the key. It is never printed or logged by gpurec. Without a key a random
+  one is drawn, which locks the admin APIs for everyone.
+Default mode keeps Triton's defaults (every API open on loopback), which the tests rely on.
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -56,6 +73,20 @@ from types import TracebackType
 
 LOCALHOST = "127.0.0.1"
 SHM_DIR = Path("/dev/shm")
+ADMIN_HEADER = "gpurec-admin-key"  # lower case: gRPC metadata keys must be
+# Triton 2.51 looks for the gRPC one under this prefix (measured: its refusal names it).
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+ADMIN_KEY_ENV = "GPUREC_ADMIN_KEY"
+# Every API but inference, health and metadata: what a client of the models never needs.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+_KEY = re.compile(r"[A-Za-z0-9._~-]{16,256}")  # no ':', ',' or '=' (Triton's flag syntax) and no spaces
+
+
+def check_admin_key(key: str) -> str:
+    """`key` if Triton can take it as a header value; ValueError (never quoting the key) if not."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"the admin key must be 16-256 characters of A-Z a-z 0-9 . _ ~ - (got {len(key)} characters)")
+    return key
 
 
 class TritonServerError(RuntimeError):
@@ -181,6 +212,9 @@ class TritonServer:
         verbose: bool = False,
         env: Mapping[str, str] | None = None,
         intra_op_threads: int | None = 1,
+        production: bool = False,
+        admin_key: str | None = None,
+        grpc: bool = True,
     ) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
@@ -193,6 +227,14 @@ class TritonServer:
         self.verbose = verbose
         self.env = dict(env or {})  # added to the server's environment (its models read it)
         self.intra_op_threads = intra_op_threads
+        self.production = production
+        if admin_key is not None and not production:
+            raise ValueError("an admin key only applies in production mode")
+        # Not an attribute a repr or a traceback's locals would show by name: kept private.
+        self._admin_key = check_admin_key(admin_key) if admin_key is not None else secrets.token_urlsafe(32)
+        self.grpc = grpc
+        if not grpc:
+            self.ports["grpc"] = None
         self.shm_prefix = f"gpurec_{uuid.uuid4().hex[:12]}_"
         self.process: subprocess.Popen | None = None
         self._log_file = None
@@ -210,6 +252,8 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
+        if not self.grpc:
+            raise TritonServerError("this server runs without gRPC (production mode with no gRPC port)")
         return f"{self.client_host}:{self.ports['grpc']}"
 
     @property
@@ -226,20 +270,33 @@ class TritonServer:
     # ---- lifecycle --------------------------------------------------------------------------
 
     def command(self, server: ServerCommand) -> list[str]:
+        """The server's command line (in production mode it holds the admin key: never log it)."""
+        grpc = [f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}"] if self.grpc else ["--allow-grpc=false"]
         return [
             str(server.binary),
             f"--model-repository={self.repo}",
             f"--http-address={self.host}",
             f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.ports['grpc']}",
+            *grpc,
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports['metrics']}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--exit-timeout-secs={self.drain_timeout}",
             *server.args,
+            *(self.production_args() if self.production else []),
             *(["--log-verbose=1"] if self.verbose else []),
             *self.extra_args,
+        ]
+
+    def production_args(self) -> list[str]:
+        """Least-privilege flags (see the module docstring); the last two carry the admin key."""
+        guarded = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self._admin_key}"
+        return [
+            "--model-control-mode=none",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            f"--http-restricted-api={guarded}",
+            *([f"--grpc-restricted-protocol={guarded}"] if self.grpc else []),
         ]
 
     def start(self) -> TritonServer:
@@ -249,7 +306,7 @@ class TritonServer:
         if not self.repo.is_dir():
             raise TritonServerError(f"model repository {self.repo} does not exist (run `gpurec export` first)")
         server = find_server()
-        missing = [k for k, v in self.ports.items() if v is None]
+        missing = [k for k, v in self.ports.items() if v is None and (k != "grpc" or self.grpc)]
         for name, port in zip(missing, free_ports(len(missing), self.client_host), strict=True):
             self.ports[name] = port
         if self.log_path is None:
@@ -340,4 +397,6 @@ class TritonServer:
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running() else "stopped"
-        return f"TritonServer({self.repo}, http={self.http_url}, grpc={self.grpc_url}, {state})"
+        grpc = self.grpc_url if self.grpc else "off"
+        mode = ", production" if self.production else ""
+        return f"TritonServer({self.repo}, http={self.http_url}, grpc={grpc}{mode}, {state})"

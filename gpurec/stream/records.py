@@ -82,11 +82,18 @@ class Action(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 
 class ConsentChange(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """A user granting or revoking consent to train on their data, at event time `ts_ms`."""
+    """A user's consent after a change, at event time `ts_ms` (the latest event time wins).
+
+    A record states the user's whole consent, not a delta: `training` (their data may become
+    training examples) and `personalisation` (their feed may be ranked on their profile and
+    history). Records written before `personalisation` existed hold only `training`: they decode
+    with `personalisation=None`, "not stated", which leaves personalisation as it was.
+    """
 
     user_id: Int64
     training: bool
     ts_ms: Int64
+    personalisation: bool | None = None
 
 
 class Example(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -41,13 +41,13 @@ class TritonPythonModel:
             from gpurec.serve.contract import ServingContract
             from gpurec.serve.feed import (
                 METRICS,
-                FeedMetrics,
                 FeedRequestError,
                 FeedService,
                 FeedUnavailable,
                 RankerFailed,
             )
             from gpurec.serve.feed_settings import FeedSettings
+            from gpurec.serve.model_metrics import ModelMetrics
         except ImportError as err:
             self.broken = f"feed needs gpurec and its serving dependencies in the server's Python: {err}"
             pb_utils.Logger.log_error(self.broken)
@@ -62,7 +62,7 @@ class TritonPythonModel:
         try:  # a bad parameter fails this model's requests, not the whole server's start
             settings = FeedSettings.from_parameters(parameters, os.environ)
             contract = ServingContract.load(Path(args["model_repository"]) / self.version)
-            service = FeedService(settings, contract, self.version, FeedMetrics(), instance=args["model_instance_name"])
+            service = FeedService(settings, contract, self.version, ModelMetrics(), instance=args["model_instance_name"])
         except Exception as err:
             self.broken = f"version {self.version} is misconfigured: {err}"
             pb_utils.Logger.log_error(self.broken)
@@ -139,7 +139,7 @@ class TritonPythonModel:
             inputs=[pb_utils.Tensor(name, array) for name, array in inputs.items()],
         ).exec()
         if ranked.has_error():  # rows the feed built itself: a refusal is the feed's failure
-            raise RankerFailed(f"ranker: {ranked.error().message()}")
+            raise RankerFailed.from_ranker(ranked.error().message())
         return pb_utils.get_output_tensor_by_name(ranked, "score").as_numpy().reshape(-1)
 
     # ---- metrics ------------------------------------------------------------------------------

@@ -19,6 +19,14 @@ tensors, `index_copy_`) under the same lock `execute` holds while scoring, so a 
 a delta or none. The code that reads and applies deltas is `gpurec_deltas.py`, copied next to this
 file by export (gpurec/sync/deltafile.py). The gauge `gpurec_ranker_sync_version` reports the seq
 served, counters the deltas applied and refused (corrupt, torn, out of sequence).
+
+Hostile inputs: a request with NaN/inf dense values is refused before scoring (INVALID_ARG,
+kind `non_finite_input`); a request whose finite inputs still drive the model to NaN/inf (a dense
+value of 1e38 overflows the first layer) gets an INTERNAL error (kind `non_finite_output`), never
+a success with NaN scores. Rows are scored independently (eval mode), so such a request in a
+dynamic batch fails alone; the others are answered. Every refusal is counted by kind in
+`gpurec_ranker_errors_total` (Triton's own failure counters miss what this code refuses), with
+the message prefix `ranker: <kind>:` that clients map onto typed errors.
 """
 
 from __future__ import annotations
@@ -31,6 +39,18 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# Kinds of refused requests, the `kind` label of gpurec_ranker_errors_total and the word after
+# "ranker: " in the error message (gpurec.client maps the non-finite kinds onto typed errors).
+ERROR_KINDS = ("missing_input", "bad_shape", "non_finite_input", "non_finite_output", "scoring_failed")
+
+
+class RequestRefused(ValueError):
+    """One request's inputs are unusable: INVALID_ARG for it alone, counted under `kind`."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class TritonPythonModel:
@@ -56,6 +76,14 @@ class TritonPythonModel:
         self.pad_id = int(self.contract["pad_id"])
         self.lock = threading.Lock()  # scoring and applying deltas never interleave
         self.applier = None
+        # One counter per kind, made at load so each series exists (at 0) before the first error.
+        self.error_family = pb_utils.MetricFamily(
+            name="gpurec_ranker_errors_total",
+            description="Ranker requests refused or failed by the model's own checks, by kind",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.error_counters = {kind: self.error_family.Metric(labels={**labels, "kind": kind}) for kind in ERROR_KINDS}
         sync_dir = os.environ.get("GPUREC_SYNC_DIR", "")
         if sync_dir:
             self._start_sync(version_dir, Path(sync_dir), args.get("model_instance_name", "ranker"))
@@ -104,28 +132,47 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
+        errors: dict[str, int] = {}
+
+        def refuse(i: int, kind: str, message: str, code) -> None:
+            responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ranker: {kind}: {message}", code))
+            errors[kind] = errors.get(kind, 0) + 1
+
         parsed: list[tuple[int, dict[str, np.ndarray]]] = []
         for i, request in enumerate(requests):
             try:
                 parsed.append((i, self._read(request)))
-            except ValueError as err:
-                responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"ranker: {err}", pb_utils.TritonError.INVALID_ARG)
-                )
+            except RequestRefused as err:
+                refuse(i, err.kind, str(err), pb_utils.TritonError.INVALID_ARG)
         if parsed:
             try:
                 scores = self._score([arrays for _, arrays in parsed])
             except Exception as err:  # a failed forward pass fails these requests, not the server
-                error = pb_utils.TritonError(f"ranker: scoring failed: {type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
                 for i, _ in parsed:
-                    responses[i] = pb_utils.InferenceResponse(error=error)
-                return responses
+                    refuse(i, "scoring_failed", f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
+                parsed = []
             start = 0
             for i, arrays in parsed:
                 rows = arrays["dense"].shape[0]
-                tensors = [pb_utils.Tensor(name, scores[name][start : start + rows].reshape(rows, 1)) for name in self.outputs]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+                mine = {name: scores[name][start : start + rows] for name in self.outputs}
                 start += rows
+                bad = np.zeros(rows, dtype=bool)
+                for values in mine.values():
+                    bad |= ~np.isfinite(values.reshape(rows, -1)).all(axis=1)
+                if bad.any():  # never a success carrying NaN/inf; the request's own rows only
+                    refuse(
+                        i,
+                        "non_finite_output",
+                        f"the model produced NaN or infinite scores for {int(bad.sum())} of {rows} rows "
+                        f"(first row {int(np.flatnonzero(bad)[0])}); its inputs are out of the range the model handles",
+                        pb_utils.TritonError.INTERNAL,
+                    )
+                    continue
+                tensors = [pb_utils.Tensor(name, mine[name].reshape(rows, 1)) for name in self.outputs]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+        # Counted before the responses leave: a client that saw the error also sees the count.
+        for kind, count in errors.items():
+            self.error_counters[kind].increment(count)
         return responses
 
     def _read(self, request) -> dict[str, np.ndarray]:
@@ -134,20 +181,22 @@ class TritonPythonModel:
         for name in ["dense", *self.single, *self.multi]:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
-                raise ValueError(f"missing input {name!r}")
+                raise RequestRefused("missing_input", f"missing input {name!r}")
             arrays[name] = tensor.as_numpy()
         dense = arrays["dense"]
         if dense.ndim != 2 or dense.shape[1] != self.num_dense:
-            raise ValueError(f"'dense' must be [rows, {self.num_dense}] float32, got {list(dense.shape)}")
+            raise RequestRefused("bad_shape", f"'dense' must be [rows, {self.num_dense}] float32, got {list(dense.shape)}")
         rows = dense.shape[0]
         for name in self.single:
             if arrays[name].shape != (rows, 1):
-                raise ValueError(f"{name!r} must be [{rows}, 1] int64, got {list(arrays[name].shape)}")
+                raise RequestRefused("bad_shape", f"{name!r} must be [{rows}, 1] int64, got {list(arrays[name].shape)}")
         for name in self.multi:
             if arrays[name].ndim != 2 or arrays[name].shape[0] != rows:
-                raise ValueError(f"{name!r} must be [{rows}, K] int64 padded with {self.pad_id}, got {list(arrays[name].shape)}")
+                raise RequestRefused(
+                    "bad_shape", f"{name!r} must be [{rows}, K] int64 padded with {self.pad_id}, got {list(arrays[name].shape)}"
+                )
         if not np.isfinite(dense).all():
-            raise ValueError("'dense' has NaN or infinite values")
+            raise RequestRefused("non_finite_input", "'dense' has NaN or infinite values")
         return arrays
 
     def _score(self, batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -168,3 +217,6 @@ class TritonPythonModel:
             self._sync_stop.set()
             self._sync_thread.join(timeout=5)
         self.module = None
+        # Metrics before their family (Triton refuses the other order).
+        self.error_counters.clear()
+        self.error_family = None

@@ -71,8 +71,10 @@ class TritonPythonModel:
         ).exec()
         if ranked.has_error():
             error = ranked.error().message()
-            # The ranker's input errors are the caller's errors; anything else is ours.
-            raise (ValueError if "ranker:" in error or "unexpected" in error else RuntimeError)(error)
+            # The ranker's input errors are the caller's errors; anything else (NaN/inf scores or a
+            # failed forward pass, which the ranker answers INTERNAL) is ours.
+            internal = "non_finite_output" in error or "scoring_failed" in error
+            raise (ValueError if ("ranker:" in error or "unexpected" in error) and not internal else RuntimeError)(error)
         scores = pb_utils.get_output_tensor_by_name(ranked, "score").as_numpy().reshape(-1)
         top = np.argsort(-scores, kind="stable")[: min(k, n)]
         return pb_utils.InferenceResponse(
