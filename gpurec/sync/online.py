@@ -73,7 +73,7 @@ class OnlineSettings:
     # A step of n examples (all ranks) weighs its loss by n / reference_batch, so that an example
     # moves the model as far as it did in batch training whatever the micro-batch size. None: the
     # train config's batch_size; 0: no weighting (each step a plain mean, as in batch training).
-    # Without it, 5-example steps after a 512-example batch run cost 0.035 like-AUC on the next
+    # Without it, 5-example steps after a 512-example batch run cost 0.033 like-AUC on the next
     # day of the synthetic world (`gpurec experiment online`, README).
     reference_batch: int | None = None
 
