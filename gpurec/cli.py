@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "join": ("gpurec.stream.join_command", "join served rows with actions into labelled examples, exactly once (long-running)"),
     "simulate": ("gpurec.client.simulate_command", "drive the feed with the synthetic world's users live: requests, actions, uploads on the log"),
     "demo": ("gpurec.demo", "the whole pipeline on the embedded default: batch stages, then the live feed, joiner and simulated users"),
+    "pseudonym": ("gpurec.data.pseudonym_command", "make a pseudonym key, or rotate raw logs' user ids to a new key"),
     "experiment": ("gpurec.experiments.command", "reproducible studies, e.g. collisionless vs hashed embedding tables at equal memory"),
 }
 

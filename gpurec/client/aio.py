@@ -73,7 +73,7 @@ class AsyncRankerClient(RankerClientBase):
 
     async def feed(self, user_id: int, n: int, ts_ms: int | None = None, request_id: int | None = None) -> FeedResult:
         """The user's live feed from the `feed` model (see `RankerClient.feed`)."""
-        arrays = check_feed(FeedRequest(user_id, n, ts_ms, request_id))
+        arrays = check_feed(FeedRequest(self._at_edge(user_id), n, ts_ms, request_id))
         result = await self._with_retries(
             self.feed_model, lambda: self._infer(self.feed_model, arrays, tr.feed_outputs(self._tensors))
         )
@@ -83,7 +83,7 @@ class AsyncRankerClient(RankerClientBase):
         self, user_id: int, personalisation: bool | None = None, training: bool | None = None, ts_ms: int | None = None
     ) -> ConsentResult:
         """Change a user's consent, effective at their next feed request (see `RankerClient.set_consent`)."""
-        arrays = check_consent(user_id, personalisation, training, ts_ms)
+        arrays = check_consent(self._at_edge(user_id), personalisation, training, ts_ms)
         result = await self._with_retries(
             self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gpurec.checks import non_negative_int
 from gpurec.client.recommend_command import _contract, _host_port
+from gpurec.data.pseudonym import load_pseudonymizer
 from gpurec.errors import InvalidInput
 
 ON_OFF = {"on": True, "off": False}
@@ -42,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--training", choices=tuple(ON_OFF), default=None, help="use of their data for training: on or off")
     parser.add_argument("--ts-ms", type=non_negative_int, default=None, help="event time of the change (default: the server's clock)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
+    parser.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        default=None,
+        help="--user is a raw id, sent as its pseudonym under this key (default: $GPUREC_PSEUDONYM_KEY_FILE, else sent as is)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -50,11 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.personalisation is None and args.training is None:
         raise InvalidInput("give --personalisation on|off, --training on|off, or both")
+    pseudonymizer = load_pseudonymizer(args.pseudonym_key_file)
     contract = _contract(args.repo)
     personalisation = None if args.personalisation is None else ON_OFF[args.personalisation]
     training = None if args.training is None else ON_OFF[args.training]
     try:
-        with RankerClient(args.url, contract, protocol=args.protocol) as client:
+        with RankerClient(args.url, contract, protocol=args.protocol, pseudonymizer=pseudonymizer) as client:
             result = client.set_consent(args.user, personalisation=personalisation, training=training, ts_ms=args.ts_ms)
     except InvalidRequest as err:  # e.g. an unknown user: the caller's input
         raise InvalidInput(str(err)) from None

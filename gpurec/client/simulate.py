@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from gpurec.data.pseudonym import Pseudonymizer
 from gpurec.data.schema import MS_PER_DAY
 from gpurec.data.simulator import items_table, users_table
 from gpurec.data.world import Response, World, WorldConfig
@@ -146,7 +147,14 @@ def budget_distribution(config: WorldConfig) -> tuple[np.ndarray, np.ndarray]:
 class LiveWorld:
     """The world seen by the live simulation: sampled users, the catalogue over time, reactions."""
 
-    def __init__(self, config: WorldConfig, users: int, seed: int, live: LiveConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: WorldConfig,
+        users: int,
+        seed: int,
+        live: LiveConfig | None = None,
+        pseudonymizer: Pseudonymizer | None = None,
+    ) -> None:
         if not 1 <= users <= config.users:
             raise InvalidInput(f"users must be in 1..{config.users} (the world's users), got {users}")
         self.world: World = _DayCachedWorld(config)
@@ -156,7 +164,14 @@ class LiveWorld:
         self.user_rows = np.sort(rng.choice(config.users, size=users, replace=False))
         activity = self.world.user_activity[self.user_rows]
         self.user_weights = activity / activity.sum()
-        self.user_ids = self.world.user_ids[self.user_rows]
+        # The simulated app is the edge: with a key, the platform (requests, actions, the store)
+        # gets pseudonyms of the world's raw ids, the same ones `gpurec generate` writes.
+        self.platform_user_ids = (
+            self.world.user_ids
+            if pseudonymizer is None
+            else pseudonymizer.pseudonymize(self.world.user_ids).to_numpy()
+        )
+        self.user_ids = self.platform_user_ids[self.user_rows]
         self._item_row = {int(item): row for row, item in enumerate(self.world.item_ids.tolist())}
         self._by_upload = np.argsort(self.world.item_upload_ms, kind="stable")
         self._upload_sorted = self.world.item_upload_ms[self._by_upload]
@@ -180,7 +195,9 @@ class LiveWorld:
 
     def users_table(self) -> pa.Table:
         """The sampled users' profiles (region, language, device, consent): the USERS log's rows."""
-        return users_table(self.world).take(pa.array(self.user_rows))
+        table = users_table(self.world).take(pa.array(self.user_rows))
+        index = table.schema.get_field_index("user_id")
+        return table.set_column(index, table.schema.field(index), pa.array(self.user_ids, pa.int64()))
 
     def items_table(self, rows: np.ndarray) -> pa.Table:
         """Rows of the ITEMS log for world item rows `rows`."""
@@ -277,7 +294,7 @@ class LiveWorld:
         """
         live = self.live
         n = len(item_ids)
-        user_id = int(self.world.user_ids[user_row])
+        user_id = int(self.platform_user_ids[user_row])
         late = rng.random(n) < live.late_share
         late_by = rng.integers(live.late_min_ms, live.late_max_ms + 1, size=n)
         flags = {name: getattr(response, name) for name in ENGAGEMENTS}

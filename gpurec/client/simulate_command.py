@@ -105,6 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="parameter deltas the started server's ranker follows; also measures freshness (action -> served score)",
     )
+    parser.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        default=None,
+        help="send the world's users as pseudonyms of this key, as `gpurec generate` did (default: $GPUREC_PSEUDONYM_KEY_FILE, else raw ids)",
+    )
     parser.add_argument("--json", action="store_true", help="no progress bar; end with one JSON object")
 
 
@@ -120,6 +126,17 @@ def _world_config(args: argparse.Namespace) -> Any:
         return load_world_config(args.world)
     except (ValueError, TypeError, KeyError) as err:
         raise InvalidInput(f"--world {args.world}: unreadable {WORLD_FILE}: {err}") from None
+
+
+def _pseudonymizer(args: argparse.Namespace) -> Any:
+    """The key's pseudonymizer (None: raw ids); refuses a key other than the one --world was written with."""
+    from gpurec.data.pseudonym import check_key_id, load_pseudonymizer, read_key_id
+
+    pseudonymizer = load_pseudonymizer(args.pseudonym_key_file)
+    if args.world is not None:
+        key_id = pseudonymizer.key_id if pseudonymizer is not None else None
+        check_key_id((f"--world {args.world}", read_key_id(args.world)), ("--pseudonym-key-file", key_id))
+    return pseudonymizer
 
 
 def _check_repo(repo: Path) -> Any:
@@ -168,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     users = min(DEFAULT_USERS, config.users) if args.users is None else args.users
     if users > config.users:
         raise InvalidInput(f"--users {users} is more than the world's {config.users} users")
-    live = LiveWorld(config, users, args.seed)
+    live = LiveWorld(config, users, args.seed, pseudonymizer=_pseudonymizer(args))
     stop, traffic = threading.Event(), threading.Event()
     server = probe = None
     previous = _install_stop_handlers(stop, traffic)

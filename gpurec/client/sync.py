@@ -90,7 +90,7 @@ class RankerClient(RankerClientBase):
         `ts_ms` is the request's event time (default: the server's clock), `request_id` the id the
         served rows are logged under (default: the server's). An unknown user gets a cold-start feed.
         """
-        arrays = check_feed(FeedRequest(user_id, n, ts_ms, request_id))
+        arrays = check_feed(FeedRequest(self._at_edge(user_id), n, ts_ms, request_id))
         result = self._with_retries(self.feed_model, lambda: self._infer(self.feed_model, arrays, tr.feed_outputs(self._tensors)))
         return tr.parse_feed(result)
 
@@ -104,7 +104,7 @@ class RankerClient(RankerClientBase):
         example. `ts_ms` is the change's event time (default: the server's clock). Idempotent, so a
         retry after `ServerUnavailable` is safe; an unknown user raises `InvalidRequest`.
         """
-        arrays = check_consent(user_id, personalisation, training, ts_ms)
+        arrays = check_consent(self._at_edge(user_id), personalisation, training, ts_ms)
         result = self._with_retries(
             self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
         )

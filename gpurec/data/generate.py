@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from gpurec.checks import iso_day, non_negative_int, output_dir, positive_int
 from gpurec.data import logs
 from gpurec.data.calibration import compute_stats, report
+from gpurec.data.pseudonym import KEY_FILE_ENV, Pseudonymizer, load_pseudonymizer, write_key_id
 from gpurec.data.schema import LOGS
 from gpurec.data.simulator import items_table, next_request_id_after, simulate_day, users_table
 from gpurec.data.world import BehaviourConfig, World, WorldConfig
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-day", type=iso_day, default=WorldConfig.start_day, help="first day, YYYY-MM-DD (UTC)")
     parser.add_argument("--overwrite", action="store_true", help="replace logs already in --out")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
+    parser.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        default=None,
+        help=f"write pseudonymous user ids keyed by this secret file (mode 600; default: ${KEY_FILE_ENV}, else raw ids)",
+    )
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -56,11 +63,20 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def generate_synthetic(config: WorldConfig, out: Path, progress: bool = False) -> dict:
-    """Simulate `config.days` days into `out`; return counts, speed and calibration statistics."""
+def generate_synthetic(
+    config: WorldConfig, out: Path, progress: bool = False, pseudonymizer: Pseudonymizer | None = None
+) -> dict:
+    """Simulate `config.days` days into `out`; return counts, speed and calibration statistics.
+
+    With a `pseudonymizer` every user_id written is a pseudonym (the world's raw ids stay in memory)
+    and `out`/pseudonym.json records its key id.
+    """
     started = time.perf_counter()
     world = World(config)
-    logs.write_by_day(users_table(world), out, "users")
+    # The platform's logs get pseudonyms; world.json and the oracle stay the world's (simulator) side.
+    edge = pseudonymizer.replace_user_ids if pseudonymizer is not None else (lambda table: table)
+    write_key_id(out, pseudonymizer.key_id if pseudonymizer is not None else None)
+    logs.write_by_day(edge(users_table(world)), out, "users")
     logs.write_by_day(items_table(world), out, "items")
     columns: dict[str, list[np.ndarray]] = {
         k: [] for k in ("watch", "like", "share", "comment", "follow", "user", "day", "item")
@@ -79,8 +95,8 @@ def generate_synthetic(config: WorldConfig, out: Path, progress: bool = False) -
         impression_days = pc.strftime(day_logs.impressions["ts"], format="%Y-%m-%d")
         for name in pc.unique(impression_days).to_pylist():
             on_day = pc.equal(impression_days, name)
-            for log in ("impressions", "oracle"):
-                logs.write_day(getattr(day_logs, log).filter(on_day), out, log, name)
+            logs.write_day(edge(day_logs.impressions.filter(on_day)), out, "impressions", name)
+            logs.write_day(day_logs.oracle.filter(on_day), out, "oracle", name)
         logs.write_by_day(day_logs.actions, out, "actions")
         actions = day_logs.actions
         columns["watch"].append(actions["watch_ms"].to_numpy())
@@ -120,6 +136,7 @@ def generate_synthetic(config: WorldConfig, out: Path, progress: bool = False) -
         "items": config.items,
         "days": config.days,
         "seconds": round(seconds, 3),
+        "pseudonym_key_id": pseudonymizer.key_id if pseudonymizer is not None else None,
         "impressions_per_s": round(n / seconds),
         "stats": report(stats),
     }
@@ -133,8 +150,12 @@ def load_world_config(path: Path) -> WorldConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    pseudonymizer = load_pseudonymizer(args.pseudonym_key_file)  # a bad key file fails before any write
     prepare_out_dir(args.out, args.overwrite)
     if args.dataset == "movielens-100k":
+        if pseudonymizer is not None:
+            raise InvalidInput("--pseudonym-key-file is for the synthetic world; movielens-100k keeps its public ids")
+        write_key_id(args.out, None)  # a pseudonym.json left by an overwritten synthetic run would lie
         from gpurec.data.movielens import convert_movielens_100k
 
         result = {"dataset": "movielens-100k", "out": str(args.out), **convert_movielens_100k(args.out)}
@@ -142,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         config = WorldConfig(
             users=args.users, items=args.items, days=args.days, seed=args.seed, start_day=args.start_day
         )
-        result = generate_synthetic(config, args.out, progress=not args.json)
+        result = generate_synthetic(config, args.out, progress=not args.json, pseudonymizer=pseudonymizer)
         if result["impressions"] == 0:  # logs with nothing in them would only fail later, in preprocess
             raise InvalidInput(
                 f"the world of {config.users} users, {config.items} items and {config.days} days produced no impressions; "

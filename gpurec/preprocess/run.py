@@ -25,6 +25,7 @@ import polars as pl
 
 from gpurec.checks import output_dir, require_dir
 from gpurec.data import logs
+from gpurec.data.pseudonym import read_key_id
 from gpurec.data.schema import MS_PER_DAY, day_of, day_start_ms
 from gpurec.errors import InvalidInput
 from gpurec.preprocess.counters import CounterState
@@ -156,6 +157,8 @@ def _source(input_dir: Path, days: list[str]) -> dict[str, Any]:
         "input": str(input_dir.resolve()),
         "days": days,
         "world": json.loads(world.read_text()) if world.exists() else None,
+        # Which key the user ids are pseudonyms of (None: raw ids), so features of two keys are refused.
+        "pseudonym_key_id": read_key_id(input_dir),
     }
 
 
