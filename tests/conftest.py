@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,10 +32,11 @@ def small_features(tmp_path_factory) -> Path:
     return root / "features"
 
 
-def serve_for_tests(repo: Path) -> Iterator[TritonServer]:
+def serve_for_tests(repo: Path, **options: Any) -> Iterator[TritonServer]:
     """A real tritonserver on free loopback ports for a fixture to yield from: stopped even when a
-    test fails, and the fixture fails if it did not shut down cleanly."""
-    server = TritonServer(repo)
+    test fails, and the fixture fails if it did not shut down cleanly. `options` go to
+    `TritonServer` (env, production, admin_key, ...)."""
+    server = TritonServer(repo, **options)
     try:
         server.start()
         yield server

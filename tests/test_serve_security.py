@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serve_for_tests
 
 from gpurec.cli import main
 from gpurec.serve.server import (
@@ -79,13 +80,7 @@ def echo_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def production(echo_repo) -> Iterator[TritonServer]:
-    server = TritonServer(echo_repo, production=True, admin_key=KEY, grpc=True)
-    try:
-        server.start()
-        yield server
-    finally:
-        code = server.stop()
-    assert code == 0, f"tritonserver did not shut down cleanly (exit code {code})"
+    yield from serve_for_tests(echo_repo, production=True, admin_key=KEY, grpc=True)
 
 
 def http_call(url: str, method: str, path: str, body: bytes | None, key: str | None = None) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import fill_examples
+from conftest import fill_examples, serve_for_tests
 
 from gpurec.model.trained import load_trained_model
 from gpurec.serve.artifact import build_serving_ranker
@@ -205,7 +205,7 @@ def test_a_running_triton_ranker_applies_deltas_in_place_on_every_instance(tmp_p
         return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gpurec_ranker_sync_version{")]
 
     server_env = {"GPUREC_SYNC_DIR": str(directory)}
-    for server in serve_with_env(result.repo, server_env):
+    for server in serve_for_tests(result.repo, env=server_env):
         client = httpclient.InferenceServerClient(server.http_url)
         try:
             assert versions(server) == [last_seq - 1, last_seq - 1]  # both instances caught up at load
@@ -221,17 +221,6 @@ def test_a_running_triton_ranker_applies_deltas_in_place_on_every_instance(tmp_p
             client.close()
 
 
-def serve_with_env(repo, env):
-    """conftest.serve_for_tests with the server's environment: stopped by PID even when a test fails."""
-    from gpurec.serve.server import TritonServer
-
-    server = TritonServer(repo, env=env)
-    try:
-        server.start()
-        yield server
-    finally:
-        code = server.stop()
-    assert code == 0, f"tritonserver did not shut down cleanly (exit code {code})"
 
 
 def test_touched_rows_match_torchrec_model_delta_tracker(batch_run, valid_examples):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gpurec.checks import non_negative_int
 from gpurec.client.recommend_command import _contract, _host_port
-from gpurec.data.pseudonym import load_pseudonymizer
+from gpurec.data.pseudonym import add_key_file_argument, load_pseudonymizer
 from gpurec.errors import InvalidInput
 
 ON_OFF = {"on": True, "off": False}
@@ -43,12 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--training", choices=tuple(ON_OFF), default=None, help="use of their data for training: on or off")
     parser.add_argument("--ts-ms", type=non_negative_int, default=None, help="event time of the change (default: the server's clock)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
-    parser.add_argument(
-        "--pseudonym-key-file",
-        type=Path,
-        default=None,
-        help="--user is a raw id, sent as its pseudonym under this key (default: $GPUREC_PSEUDONYM_KEY_FILE, else sent as is)",
-    )
+    add_key_file_argument(parser, "--user is a raw id, sent as its pseudonym under this key")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from gpurec.checks import non_negative_int, positive_float, positive_int, require_dir, require_file
 from gpurec.client.recommend_command import _contract, _host_port
+from gpurec.data.pseudonym import add_key_file_argument
 from gpurec.errors import InputNotFound, InvalidInput
 
 EXIT_INTERRUPTED = 130
@@ -105,12 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="parameter deltas the started server's ranker follows; also measures freshness (action -> served score)",
     )
-    parser.add_argument(
-        "--pseudonym-key-file",
-        type=Path,
-        default=None,
-        help="send the world's users as pseudonyms of this key, as `gpurec generate` did (default: $GPUREC_PSEUDONYM_KEY_FILE, else raw ids)",
-    )
+    add_key_file_argument(parser, "send the world's users as pseudonyms of this key, as `gpurec generate` did")
     parser.add_argument("--json", action="store_true", help="no progress bar; end with one JSON object")
 
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from gpurec.checks import iso_day, non_negative_int, output_dir, positive_int
 from gpurec.data import logs
 from gpurec.data.calibration import compute_stats, report
-from gpurec.data.pseudonym import KEY_FILE_ENV, Pseudonymizer, load_pseudonymizer, write_key_id
+from gpurec.data.pseudonym import Pseudonymizer, add_key_file_argument, load_pseudonymizer, write_key_id
 from gpurec.data.schema import LOGS
 from gpurec.data.simulator import items_table, next_request_id_after, simulate_day, users_table
 from gpurec.data.world import BehaviourConfig, World, WorldConfig
@@ -41,12 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-day", type=iso_day, default=WorldConfig.start_day, help="first day, YYYY-MM-DD (UTC)")
     parser.add_argument("--overwrite", action="store_true", help="replace logs already in --out")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
-    parser.add_argument(
-        "--pseudonym-key-file",
-        type=Path,
-        default=None,
-        help=f"write pseudonymous user ids keyed by this secret file (mode 600; default: ${KEY_FILE_ENV}, else raw ids)",
-    )
+    add_key_file_argument(parser, "write pseudonymous user ids keyed by this file")
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:

@@ -44,6 +44,7 @@ Design
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
@@ -154,6 +155,16 @@ def load_key(path: str | Path) -> bytes:
     if len(key) < MIN_KEY_BYTES:
         raise InvalidInput(f"pseudonym key file {path} holds fewer than {MIN_KEY_BYTES} bytes")
     return key
+
+
+def add_key_file_argument(parser: argparse.ArgumentParser, use: str) -> None:
+    """The `--pseudonym-key-file` flag of a command; `use` says what the key does there."""
+    parser.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        default=None,
+        help=f"{use} (a secret file, mode 600; default: ${KEY_FILE_ENV}, else raw ids)",
+    )
 
 
 def load_pseudonymizer(path: str | Path | None = None) -> Pseudonymizer | None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from gpurec.errors import GpurecError, InvalidInput
 from gpurec.features.layout import Layout
-from gpurec.features.rows import StoredRows, assemble, dimension_rows
+from gpurec.features.rows import NON_PROFILED_USER_FEATURES, StoredRows, assemble, dimension_rows
 from gpurec.features.store import FeatureRows, OnlineFeatureStore, open_feature_store
 from gpurec.preprocess.counters import COUNTS
 from gpurec.serve.candidates import ACTIONS_TOPIC, SERVED_TOPIC, Candidates, CandidateSource
@@ -125,6 +125,16 @@ class FeedAnswer:
     item_ids: np.ndarray
     scores: np.ndarray
     model_version: str
+
+
+def _region_of(rows: FeatureRows) -> tuple[int, int] | None:
+    """The user's hashed (region, language) from their profile, None for an unknown user."""
+    if not rows.user_known:
+        return None
+    ids = [rows.sparse.get(name) for name in NON_PROFILED_USER_FEATURES]  # region, then language
+    if not all(i is not None and len(i) for i in ids):
+        return None
+    return int(ids[0][0]), int(ids[1][0])  # type: ignore[index]
 
 
 def random_request_id() -> int:
@@ -327,10 +337,8 @@ class FeedService:
         self.metrics.observe("gpurec_feed_candidates", len(candidates))
         if degraded:
             self.metrics.add("gpurec_feed_degraded_reads_total", reason=degraded)
-        elif rows.user_known and personalised:
-            region = [rows.sparse.get(name) for name in ("user_region", "user_language")]
-            if all(r is not None and len(r) for r in region):
-                self.source.note_user_region(int(user_id), (int(region[0][0]), int(region[1][0])))  # type: ignore[index]
+        elif personalised and (region := _region_of(rows)) is not None:
+            self.source.note_user_region(int(user_id), region)
         rid = random_request_id() if request_id is None else int(request_id)
         return FeedPlan(rid, int(user_id), ts_ms, int(n), candidates, rows, self._ranker_inputs(rows), degraded, personalised)
 
@@ -345,11 +353,7 @@ class FeedService:
         modes on everything that is not the user's (the items' quality and freshness, the hour, the
         match with the user's region and language), with one scoring path and one served-row format.
         """
-        region = None
-        if degraded is None and rows.user_known:
-            ids = [rows.sparse.get(name) for name in ("user_region", "user_language")]
-            if all(i is not None and len(i) for i in ids):
-                region = (int(ids[0][0]), int(ids[1][0]))  # type: ignore[index]
+        region = _region_of(rows) if degraded is None else None
         candidates = self.source.popular(region, ts_ms, limit=self.contract.max_batch_size)
         if not len(candidates):
             raise FeedUnavailable(f"feed: no popular candidates yet ({self._log_state()})")

@@ -20,6 +20,7 @@ Standard library only: `gpurec serve` reads this before anything heavy is import
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,13 @@ class FeedSettings:
     def parameters(self) -> dict[str, str]:
         """The settings as config.pbtxt `parameters` (empty URLs are left out)."""
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) != ""}
+
+    @classmethod
+    def from_model_config(cls, model_config: str, environ: Mapping[str, str] | None = None) -> FeedSettings:
+        """Settings of a python-backend model (feed, consent) from the model config JSON Triton
+        hands to `initialize` (`args["model_config"]`): its `parameters`, then the environment."""
+        parameters = json.loads(model_config).get("parameters", {})
+        return cls.from_parameters({key: value["string_value"] for key, value in parameters.items()}, environ)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], environ: Mapping[str, str] | None = None) -> FeedSettings:

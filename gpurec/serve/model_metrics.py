@@ -8,9 +8,9 @@ a model registers).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 LATENCY_BUCKETS_MS: Final = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 250, 500, 1000, 2500)
 CANDIDATE_BUCKETS: Final = (0, 25, 50, 100, 150, 200, 250, 300, 400, 500, 1000)
@@ -63,3 +63,48 @@ class ModelMetrics:
             out = self._counts, self._gauges, self._observed
             self._counts, self._gauges, self._observed = {}, {}, {}
         return out
+
+
+class TritonMetrics:
+    """A model's `MetricSpec` families registered with Triton, and the flush of a `ModelMetrics`
+    buffer into them. `pb_utils` is the python backend's module, passed in: it exists only inside
+    the backend's stub, so this module stays importable (and testable) anywhere."""
+
+    def __init__(self, pb_utils: Any, specs: Sequence[MetricSpec], labels: Mapping[str, str]) -> None:
+        kinds = {
+            "counter": pb_utils.MetricFamily.COUNTER,
+            "gauge": pb_utils.MetricFamily.GAUGE,
+            "histogram": pb_utils.MetricFamily.HISTOGRAM,
+        }
+        self._families = {
+            spec.name: pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=kinds[spec.kind])
+            for spec in specs
+        }
+        self._buckets = {spec.name: list(map(float, spec.buckets)) for spec in specs if spec.buckets}
+        self._labels = dict(labels)
+        self._metrics: dict[tuple, Any] = {}
+
+    def _metric(self, key: tuple) -> Any:
+        metric = self._metrics.get(key)
+        if metric is None:
+            name, labels = key
+            options = {"buckets": self._buckets[name]} if name in self._buckets else {}
+            metric = self._metrics[key] = self._families[name].Metric(labels={**self._labels, **dict(labels)}, **options)
+        return metric
+
+    def flush(self, buffer: ModelMetrics) -> None:
+        """Everything `buffer` recorded since the last flush: counter increments, gauge values, observations."""
+        counts, gauges, observed = buffer.drain()
+        for key, value in counts.items():
+            self._metric(key).increment(value)
+        for key, value in gauges.items():
+            self._metric(key).set(value)
+        for key, values in observed.items():
+            metric = self._metric(key)
+            for value in values:
+                metric.observe(value)
+
+    def close(self) -> None:
+        """Drop the metrics, then their families: Triton refuses the other order."""
+        self._metrics.clear()
+        self._families.clear()

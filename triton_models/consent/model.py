@@ -15,7 +15,6 @@ training}`) are flushed after each request: consent changes are rare, so the IPC
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -34,7 +33,7 @@ class TritonPythonModel:
                 ConsentUnavailable,
             )
             from gpurec.serve.feed_settings import FeedSettings
-            from gpurec.serve.model_metrics import ModelMetrics
+            from gpurec.serve.model_metrics import ModelMetrics, TritonMetrics
         except ImportError as err:
             self.broken = f"consent needs gpurec and its serving dependencies in the server's Python: {err}"
             pb_utils.Logger.log_error(self.broken)
@@ -43,28 +42,20 @@ class TritonPythonModel:
             ConsentRequestError: pb_utils.TritonError.INVALID_ARG,
             ConsentUnavailable: pb_utils.TritonError.UNAVAILABLE,
         }
-        config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         try:
-            settings = FeedSettings.from_parameters(parameters, os.environ)
+            settings = FeedSettings.from_model_config(args["model_config"], os.environ)
         except Exception as err:
             self.broken = f"misconfigured: {err}"
             pb_utils.Logger.log_error(self.broken)
             return
-        labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.families = {
-            spec.name: pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=pb_utils.MetricFamily.COUNTER)
-            for spec in CONSENT_METRICS
-        }
-        self.labels = labels
-        self.metric_objects: dict[tuple, object] = {}
+        self.metrics = TritonMetrics(pb_utils, CONSENT_METRICS, {"model": args["model_name"], "version": args["model_version"]})
         self.service = ConsentService(settings, ModelMetrics())
 
     def execute(self, requests: list) -> list:
         responses = [self._respond(request) for request in requests]
         if self.service is not None:
             try:
-                self._flush_metrics()
+                self.metrics.flush(self.service.metrics)
             except Exception as err:  # metrics must never fail a change
                 pb_utils.Logger.log_warn(f"consent: metrics flush failed: {err}")
         return responses
@@ -95,20 +86,10 @@ class TritonPythonModel:
             ]
         )
 
-    def _flush_metrics(self) -> None:
-        counts, _, _ = self.service.metrics.drain()
-        for (name, labels), value in counts.items():
-            key = (name, labels)
-            metric = self.metric_objects.get(key)
-            if metric is None:
-                metric = self.metric_objects[key] = self.families[name].Metric(labels={**self.labels, **dict(labels)})
-            metric.increment(value)
-
     def finalize(self) -> None:
         if self.service is not None:
             self.service.close()
-            self.metric_objects.clear()  # metrics before their families (Triton refuses the other order)
-            self.families.clear()
+            self.metrics.close()
 
 
 def _scalar(request, name: str, required: bool = False):

@@ -21,7 +21,6 @@ Metrics (Prometheus, on Triton's metrics port) are buffered by the service and f
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from pathlib import Path
@@ -47,7 +46,7 @@ class TritonPythonModel:
                 RankerFailed,
             )
             from gpurec.serve.feed_settings import FeedSettings
-            from gpurec.serve.model_metrics import ModelMetrics
+            from gpurec.serve.model_metrics import ModelMetrics, TritonMetrics
         except ImportError as err:
             self.broken = f"feed needs gpurec and its serving dependencies in the server's Python: {err}"
             pb_utils.Logger.log_error(self.broken)
@@ -57,28 +56,15 @@ class TritonPythonModel:
             FeedUnavailable: pb_utils.TritonError.UNAVAILABLE,
             RankerFailed: pb_utils.TritonError.INTERNAL,
         }
-        config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         try:  # a bad parameter fails this model's requests, not the whole server's start
-            settings = FeedSettings.from_parameters(parameters, os.environ)
+            settings = FeedSettings.from_model_config(args["model_config"], os.environ)
             contract = ServingContract.load(Path(args["model_repository"]) / self.version)
             service = FeedService(settings, contract, self.version, ModelMetrics(), instance=args["model_instance_name"])
         except Exception as err:
             self.broken = f"version {self.version} is misconfigured: {err}"
             pb_utils.Logger.log_error(self.broken)
             return
-        self.labels = {"model": args["model_name"], "version": self.version}
-        kinds = {  # pb_utils gets MetricFamily from the stub only once the model is loading
-            "counter": pb_utils.MetricFamily.COUNTER,
-            "gauge": pb_utils.MetricFamily.GAUGE,
-            "histogram": pb_utils.MetricFamily.HISTOGRAM,
-        }
-        self.families = {
-            spec.name: pb_utils.MetricFamily(name=spec.name, description=spec.description, kind=kinds[spec.kind])
-            for spec in METRICS
-        }
-        self.buckets = {spec.name: list(map(float, spec.buckets)) for spec in METRICS if spec.buckets}
-        self.metric_objects: dict[tuple, object] = {}
+        self.metrics = TritonMetrics(pb_utils, METRICS, {"model": args["model_name"], "version": self.version})
         self.service = service.start()
         pb_utils.Logger.log_info(
             f"feed {self.version}: store {settings.feature_store or '(none)'}, log {settings.event_log or '(none)'}, "
@@ -144,29 +130,9 @@ class TritonPythonModel:
 
     # ---- metrics ------------------------------------------------------------------------------
 
-    def _metric(self, name: str, labels: tuple):
-        key = (name, labels)
-        metric = self.metric_objects.get(key)
-        if metric is None:
-            all_labels = {**self.labels, **dict(labels)}
-            if name in self.buckets:
-                metric = self.families[name].Metric(labels=all_labels, buckets=self.buckets[name])
-            else:
-                metric = self.families[name].Metric(labels=all_labels)
-            self.metric_objects[key] = metric
-        return metric
-
     def _flush_metrics(self) -> None:
         self.service.update_gauges()
-        counts, gauges, observed = self.service.metrics.drain()
-        for (name, labels), value in counts.items():
-            self._metric(name, labels).increment(value)
-        for (name, labels), value in gauges.items():
-            self._metric(name, labels).set(value)
-        for (name, labels), values in observed.items():
-            metric = self._metric(name, labels)
-            for value in values:
-                metric.observe(value)
+        self.metrics.flush(self.service.metrics)
 
     def _flush_metrics_loop(self) -> None:
         while not self.stop_flushing.wait(METRICS_FLUSH_S):
@@ -183,9 +149,7 @@ class TritonPythonModel:
         self.service.close()  # writes the served rows still queued
         with contextlib.suppress(Exception):
             self._flush_metrics()
-        # Metrics before their families (Triton refuses the other order).
-        self.metric_objects.clear()
-        self.families.clear()
+        self.metrics.close()
 
 
 def _error(message: str, code) -> pb_utils.InferenceResponse:
