@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("gpurec.client.simulate_command", "drive the feed with the synthetic world's users live: requests, actions, uploads on the log"),
     "demo": ("gpurec.demo", "the whole pipeline on the embedded default: batch stages, then the live feed, joiner and simulated users"),
     "pseudonym": ("gpurec.data.pseudonym_command", "make a pseudonym key, or rotate raw logs' user ids to a new key"),
+    "forget": ("gpurec.privacy.forget_command", "erase a user from a workspace (store, log, Parquet, checkpoints, deltas, repo) and verify"),
+    "export-user": ("gpurec.privacy.export_command", "write what the system observed about one user (events, profile, consent history) as JSON"),
+    "retention": ("gpurec.privacy.retention_command", "delete a workspace's data older than its retention windows (raw, features, topics, deltas, logs)"),
     "experiment": ("gpurec.experiments.command", "reproducible studies, e.g. collisionless vs hashed embedding tables at equal memory"),
 }
 

@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"$ gpurec {' '.join(argv)} &", file=show, flush=True)
             background.append(_start(argv, live / f"{name}.log"))
         _wait_for_first_delta(background[-1][0], sync_dir, live / "trainer.log")
+        opted_out, forgotten = _privacy_users(raw)
+        midway = _privacy_midway(args.live_seconds / 2, store_url, log_url, opted_out, out, forgotten, show)
         simulated = json.loads(
             gpurec("simulate", "--repo", str(repo), "--log", log_url, "--feature-store", store_url,
                    "--world", str(raw), "--users", str(args.live_users), "--rate", str(args.rate),
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         for process, log_file in background:
             _stop(process)  # SIGTERM: the joiner commits its step, the trainer checkpoints
             log_file.close()
+    midway.join()
     # Close every window that the traffic opened (the drained joiner's report has the totals), then
     # train what is left, so both models are compared on all of the live examples.
     joined = json.loads(
@@ -121,8 +125,18 @@ def run(args: argparse.Namespace) -> int:
     live_trainer = _last_json(live / "trainer.log")  # its report when the traffic stopped
     trained = json.loads(gpurec(*online_args, "--drain", "--json", capture=True).strip().splitlines()[-1])
     trained["lag_at_traffic_end"] = live_trainer.get("lag")
+    trained["forgotten_users"] = live_trainer.get("forgotten_users", 0) + trained.get("forgotten_users", 0)
     compared = _online_vs_frozen(log_url, online, train_dir)
-    summary = _summary(simulated, joined, trained, compared, out, log_url, store_url)
+    # The erasure's purge, with the loop stopped: log, Parquet, checkpoints, deltas, repository; then
+    # the verifier searches every artifact (exit 1 when it finds a trace: reported, not fatal here).
+    print(f"$ gpurec forget --workspace {out} --user {forgotten} --json", file=show, flush=True)
+    command = [sys.executable, "-m", "gpurec.cli", "forget", "--workspace", str(out), "--user", str(forgotten), "--json"]
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=show, text=True)
+    if done.returncode not in (0, 1):
+        raise GpurecError(f"`gpurec forget` failed (exit {done.returncode}); see its output above")
+    erased = json.loads(done.stdout.strip().splitlines()[-1])
+    privacy = {"opted_out_user": opted_out, "forgotten_user": forgotten, "forget": erased}
+    summary = _summary(simulated, joined, trained, compared, out, log_url, store_url, privacy)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -140,11 +154,48 @@ def _last_json(path: Path) -> dict[str, Any]:
 
 
 def _create_topics(log_url: str) -> None:
+    from gpurec.serve.consent import create_consent_topic
     from gpurec.stream.join import ensure_topics
     from gpurec.stream.log import open_event_log
 
     with open_event_log(log_url) as log:
         ensure_topics(log, JOINER_PARTITIONS)
+        create_consent_topic(log, JOINER_PARTITIONS)  # the joiner and the trainer follow it from their start
+
+
+def _privacy_users(raw: Path) -> tuple[int, int]:
+    """The two users with the most impressions: one opts out, one is forgotten (both likely live)."""
+    import polars as pl
+
+    counts = (
+        pl.scan_parquet(raw / "impressions" / "**" / "*.parquet", hive_partitioning=False)
+        .group_by("user_id").len().sort(["len", "user_id"], descending=[True, False]).head(2).collect()
+    )  # fmt: skip
+    opted_out, forgotten = counts["user_id"].to_list()
+    return int(opted_out), int(forgotten)
+
+
+def _privacy_midway(delay_s: float, store_url: str, log_url: str, opted_out: int, out: Path, forgotten: int, show) -> threading.Thread:
+    """Half-way through the traffic: one user turns personalisation and training off (the consent
+    model's logic, `ConsentService`), another asks to be forgotten (`gpurec forget --no-purge`)."""
+
+    def act() -> None:
+        time.sleep(delay_s)
+        from gpurec.serve.consent import ConsentService
+        from gpurec.serve.feed_settings import FeedSettings
+
+        service = ConsentService(FeedSettings(feature_store=store_url, event_log=log_url))
+        try:
+            service.apply(opted_out, personalisation=False, training=False)
+        finally:
+            service.close()
+        print(f"privacy: user {opted_out} turned personalisation and training off", file=show, flush=True)
+        command = [sys.executable, "-m", "gpurec.cli", "forget", "--workspace", str(out), "--user", str(forgotten), "--no-purge"]
+        subprocess.run(command, stdout=show, stderr=show, check=False)
+
+    thread = threading.Thread(target=act, name="privacy-midway", daemon=True)
+    thread.start()
+    return thread
 
 
 def _start(argv: list[str], log_path: Path) -> tuple[subprocess.Popen, Any]:
@@ -204,14 +255,18 @@ def _summary(
     out: Path,
     log_url: str,
     store_url: str,
+    privacy: dict[str, Any],
 ) -> dict[str, Any]:
     counters = joined.get("counters", {})
+    erased = privacy["forget"]
+    verification = erased.get("verification", {})
     dead = counters.get("dead_letters", {})
     tables = trained.get("id_tables") or {}
     return {
         "requests": simulated.get("requests", 0),
         "requests_per_s": simulated.get("achieved_rate"),
         "served_rows": simulated.get("served_rows", 0),
+        "unlogged_rows": simulated.get("unlogged_rows", 0),  # a forgotten user's: answered, never logged
         "actions": simulated.get("actions", 0),
         "uploads": simulated.get("uploads", 0),
         "examples": counters.get("examples", 0),
@@ -245,6 +300,13 @@ def _summary(
         "online_run": str(out / "online"),
         "sync_dir": str(out / "live" / "sync"),
         "repo": str(out / "repo"),
+        "workspace": str(out.resolve()),
+        "opted_out_user": privacy["opted_out_user"],
+        "forgotten_user": privacy["forgotten_user"],
+        "forget_verified": bool(verification.get("verified")),
+        "forget_traces": len(verification.get("traces", [])),
+        "forget_purged": erased.get("purged", {}),
+        "forgotten_users_trained": trained.get("forgotten_users", 0),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -269,7 +331,11 @@ def _print(s: dict[str, Any]) -> None:
         f"id-table occupancy {s['table_occupancy']}\n"
         f"where: event log {s['event_log']} (topics items, served, actions, examples, joiner.dead_letter, sync), "
         f"feature store {s['feature_store']}, joiner log {s['joiner_log']}, trainer log {s['trainer_log']}, "
-        f"online run {s['online_run']}, deltas {s['sync_dir']}, model repository {s['repo']}"
+        f"online run {s['online_run']}, deltas {s['sync_dir']}, model repository {s['repo']}\n"
+        f"privacy: user {s['opted_out_user']} opted out of personalisation and training half-way; user "
+        f"{s['forgotten_user']} was forgotten (the online trainer reset {s['forgotten_users_trained']} user rows), "
+        f"then purged from workspace {s['workspace']}: verifier "
+        f"{'found no trace' if s['forget_verified'] else 'FOUND ' + str(s['forget_traces']) + ' traces'}"
     )
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Data-flow order: a stage may import itself and the stages before it.
-STAGES = ("data", "preprocess", "features", "embedding", "model", "train", "stream", "sync", "serve", "client")
+STAGES = ("data", "preprocess", "features", "embedding", "model", "train", "stream", "sync", "serve", "client", "privacy")
 # Shared by every stage (imported from anywhere, import no stage themselves).
-BASE = ("errors", "checks")
+BASE = ("errors", "checks", "workspace")
 # Top-level drivers that may import any stage and are imported by none.
 DRIVERS = ("cli", "experiments", "demo")
 

@@ -242,3 +242,28 @@ def test_consent_through_the_client_reaches_the_next_request(server, contract, l
     assert metric(server, "gpurec_consent_requests_total", outcome="invalid") >= 2
     wait_for(lambda: metric(server, "gpurec_feed_requests_by_mode_total", mode="non_profiled") >= 2, what="feed mode metrics")
     wait_for(lambda: metric(server, "gpurec_feed_requests_by_mode_total", mode="personalised") >= 3, what="personalised count")
+
+
+def test_forget_through_the_client_stops_profiling_and_logging_at_the_next_request(server, contract, live):  # noqa: F811
+    consenting = live.users.filter(pl.col("consent_personalisation") & pl.col("consent_training"))
+    user = int(consenting.sort("user_id")["user_id"][-1])
+    now = live.now_ms
+    with client(server, contract) as feeds:
+        feeds.feed(user, 10, ts_ms=now, request_id=30_000_000)
+        wait_for(lambda: len(served_rows(live, 30_000_000)) == 10, what="the served rows before the forget")
+        assert feeds.forget(user, ts_ms=now) == ConsentResult(user, False, False, now)
+        after = feeds.feed(user, 10, ts_ms=now, request_id=30_000_001)
+        assert len(after.item_ids) == 10  # answered, non-profiled
+        assert feeds.forget(user).training is False  # idempotent, an unknown user by now
+        with pytest.raises(InvalidRequest, match="64-bit"):
+            feeds.forget(2**64)
+    wait_for(lambda: metric(server, "gpurec_feed_rows_unlogged_total", reason="forgotten") >= 10, what="unlogged rows")
+    assert served_rows(live, 30_000_001) == []  # nothing of the request after the forget was logged
+    with open_feature_store(live.store_url) as store:
+        rows = store.read(user, [], now)
+        assert rows.forgotten and not rows.user_known
+    with open_event_log(live.log_url) as log:
+        records = [r for p in range(log.partitions(CONSENT_TOPIC)) for r in log.read(CONSENT_TOPIC, p, 0, 10_000)]
+    changes = [decode(r.value, ConsentChange) for r in records if r.key == user]
+    assert changes and all(c.forget and not c.training and c.personalisation is False for c in changes)
+    assert metric(server, "gpurec_feed_requests_by_mode_total", mode="non_profiled") >= 1

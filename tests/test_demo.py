@@ -24,8 +24,13 @@ def test_demo_runs_the_live_path_and_accounts_for_every_served_row(tmp_path):
         assert key in summary, key
     assert summary["requests"] > 0 and summary["served_rows"] >= summary["requests"]
     assert summary["actions"] > 0 and summary["feed_p50_ms"] > 0
-    # Every served row became one example, or was withheld for lack of training consent.
-    assert summary["examples"] + summary["non_consenting_rows"] == summary["served_rows"]
+    # Every served row became one example, or was withheld for lack of training consent, or (the
+    # forgotten user's, after the forget) was never logged.
+    assert summary["examples"] + summary["non_consenting_rows"] + summary["unlogged_rows"] == summary["served_rows"]
+    # Privacy: one user opted out, one was forgotten and then purged from the whole workspace.
+    assert summary["workspace"] == str(out.resolve())
+    assert summary["opted_out_user"] != summary["forgotten_user"]
+    assert summary["forget_verified"] is True, summary["forget_purged"]
     # The loop closed: every example was trained online, deltas reached the server, and both models
     # were scored on the same live examples (each before the online model trained on it).
     assert summary["examples_trained"] == summary["examples_scored"] == summary["examples"]

@@ -34,6 +34,7 @@ from gpurec.client.features import (
     build_rows,
     check_consent,
     check_feed,
+    check_forget,
 )
 from gpurec.serve.contract import DENSE_INPUT
 
@@ -84,6 +85,14 @@ class AsyncRankerClient(RankerClientBase):
     ) -> ConsentResult:
         """Change a user's consent, effective at their next feed request (see `RankerClient.set_consent`)."""
         arrays = check_consent(self._at_edge(user_id), personalisation, training, ts_ms)
+        result = await self._with_retries(
+            self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
+        )
+        return tr.parse_consent(result, user_id)
+
+    async def forget(self, user_id: int, ts_ms: int | None = None) -> ConsentResult:
+        """Erase a user, the request step (see `RankerClient.forget`)."""
+        arrays = check_forget(self._at_edge(user_id), ts_ms)
         result = await self._with_retries(
             self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
         )

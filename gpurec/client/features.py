@@ -35,6 +35,7 @@ from gpurec.serve.contract import (
     hash_raw_features,
 )
 from gpurec.serve.feed_contract import (
+    FORGET,
     N_INPUT,
     PERSONALISATION,
     REQUEST_ID_INPUT,
@@ -143,6 +144,18 @@ def check_consent(
         raise InvalidRequest("invalid request: consent needs personalisation, training or both")
     arrays = {USER_ID_INPUT: np.array([user_id], dtype=np.int64)}
     arrays.update({name: np.array([flag], dtype=np.bool_) for name, flag in flags.items() if flag is not None})
+    if ts_ms is not None:
+        arrays[TS_INPUT] = np.array([ts_ms], dtype=np.int64)
+    return arrays
+
+
+def check_forget(user_id: int, ts_ms: int | None) -> dict[str, np.ndarray]:
+    """The consent model's input arrays for an erasure request (InvalidRequest for a bad id or time)."""
+    if isinstance(user_id, bool) or not isinstance(user_id, int | np.integer) or not INT64_MIN <= int(user_id) <= INT64_MAX:
+        raise InvalidRequest(f"invalid request: forget user_id must be a 64-bit integer, got {user_id!r}")
+    if ts_ms is not None and (isinstance(ts_ms, bool) or not isinstance(ts_ms, int | np.integer) or not 0 <= int(ts_ms) <= INT64_MAX):
+        raise InvalidRequest(f"invalid request: forget ts_ms must be epoch milliseconds (>= 0), got {ts_ms!r}")
+    arrays = {USER_ID_INPUT: np.array([user_id], dtype=np.int64), FORGET: np.array([True], dtype=np.bool_)}
     if ts_ms is not None:
         arrays[TS_INPUT] = np.array([ts_ms], dtype=np.int64)
     return arrays

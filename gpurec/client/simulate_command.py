@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     live = LiveWorld(config, users, args.seed, pseudonymizer=_pseudonymizer(args))
     stop, traffic = threading.Event(), threading.Event()
     server = probe = None
+    unlogged = 0
     previous = _install_stop_handlers(stop, traffic)
     try:
         with open_event_log(log_url) as log, open_feature_store(store_url) as store:
@@ -232,10 +233,12 @@ def run(args: argparse.Namespace) -> int:
         if probe is not None:
             probe.stop()
         if server is not None:
+            unlogged = _scraped_total(server.metrics_url, "gpurec_feed_rows_unlogged_total")
             code = server.stop()
             print(f"gpurec simulate: stopped tritonserver (exit code {code})", file=sys.stderr)
         _restore_handlers(previous)
     result = report.to_json()
+    result["unlogged_rows"] = unlogged  # rows of forgotten users: answered, deliberately not logged
     if probe is not None:
         speedup = args.speedup
 
@@ -254,6 +257,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpurec simulate: no feed request succeeded ({dict(report.errors)})", file=sys.stderr)
         return 1
     return EXIT_INTERRUPTED if report.interrupted else 0
+
+
+def _scraped_total(metrics_url: str, name: str) -> int:
+    """A counter's total over its labels from a Prometheus text page (0 when absent or unreachable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 def _install_stop_handlers(stop: threading.Event, traffic: threading.Event) -> dict:

@@ -14,6 +14,7 @@ from gpurec.errors import InvalidInput
 from gpurec.features.store import OnlineFeatureStore
 from gpurec.serve.items import ITEMS_TOPIC, item_record, items_from_table
 from gpurec.stream.log import EventLog
+from gpurec.stream.retention import default_retention_ms
 
 SERVED_TOPIC, ACTIONS_TOPIC = "served", "actions"
 
@@ -28,7 +29,7 @@ def ensure_topics(log: EventLog, partitions: int) -> None:
         partitions = log.partitions(ACTIONS_TOPIC)
     for topic in (ITEMS_TOPIC, ACTIONS_TOPIC, SERVED_TOPIC):
         if topic not in existing:
-            log.create_topic(topic, partitions, exist_ok=True)
+            log.create_topic(topic, partitions, retention_ms=default_retention_ms(log, topic), exist_ok=True)
     if log.partitions(SERVED_TOPIC) != log.partitions(ACTIONS_TOPIC):
         raise InvalidInput(
             f"the log's {SERVED_TOPIC!r} topic has {log.partitions(SERVED_TOPIC)} partitions and {ACTIONS_TOPIC!r} "

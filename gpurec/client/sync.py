@@ -36,6 +36,7 @@ from gpurec.client.features import (
     build_rows,
     check_consent,
     check_feed,
+    check_forget,
 )
 from gpurec.serve.contract import DENSE_INPUT
 
@@ -105,6 +106,17 @@ class RankerClient(RankerClientBase):
         retry after `ServerUnavailable` is safe; an unknown user raises `InvalidRequest`.
         """
         arrays = check_consent(self._at_edge(user_id), personalisation, training, ts_ms)
+        result = self._with_retries(
+            self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
+        )
+        return tr.parse_consent(result, user_id)
+
+    def forget(self, user_id: int, ts_ms: int | None = None) -> ConsentResult:
+        """Erase a user (GDPR Art. 17), the request step: their next feed request is non-profiled and
+        not logged, their profile is deleted and their id deny-listed, and the online trainer resets
+        their embedding row within one sync interval. The purge of every stored artifact is
+        `gpurec forget --workspace`. Idempotent: a retry after `ServerUnavailable` is safe."""
+        arrays = check_forget(self._at_edge(user_id), ts_ms)
         result = self._with_retries(
             self.consent_model, lambda: self._infer(self.consent_model, arrays, tr.consent_outputs(self._tensors))
         )

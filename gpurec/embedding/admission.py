@@ -46,6 +46,17 @@ class CountMinSketch:
         self.counters.scatter_reduce_(1, columns, capped.expand(self.depth, -1), reduce="amax")
         return estimate
 
+    def forget(self, ids: torch.Tensor) -> None:
+        """Take back what ``ids`` counted, as far as a sketch can: lower each of an id's counters by
+        its estimate (the id's own estimate becomes 0). Counters are shared, so an id colliding
+        with a forgotten one may lose up to that much count, which only delays its admission."""
+        if ids.numel() == 0:
+            return
+        columns = self._columns(ids)
+        current = self.counters.gather(1, columns)
+        lowered = current - current.min(dim=0).values
+        self.counters.scatter_reduce_(1, columns, lowered, reduce="amin")
+
 
 def _seed(row: int) -> int:
     return _ROW_SEEDS[row % len(_ROW_SEEDS)] ^ (row // len(_ROW_SEEDS))

@@ -18,13 +18,18 @@ before the step's forward pass, to a value that depends only on the id (`initial
 makes training independent of which row an id lands in, so 1 rank and N ranks train the same
 model even though their id -> row layouts differ.
 
+`forget` erases ids (a user's right to erasure): each owner releases the id's row, takes back its
+sketch count and deny-lists it (`gpurec.embedding.denylist`: a keyed Bloom filter, no id in
+clear), so the id reads the default row from then on and is never admitted again; every rank
+learns the released rows, to zero their embedding and optimizer state.
+
 The serving side is `IdLookup` (gpurec.embedding.lookup): read-only, TorchScript-able, built from
 the same state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,9 +38,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from gpurec.embedding.config import DEFAULT_ROW, IdTableConfig
 from gpurec.embedding.cuckoo import fold_empty, owner_of
 from gpurec.embedding.lookup import IdLookup, drop_from_bags, value_tables
-from gpurec.embedding.partition import STAT_NAMES, Admitted, FeatureBlock, IdPartition
+from gpurec.embedding.partition import FORGET_STAT_NAMES, STAT_NAMES, Admitted, FeatureBlock, IdPartition
 from gpurec.embedding.tables import SparseFeatureSpec
 from gpurec.errors import InvalidInput
+
+FORGET_FIELDS = ("forget_stats", "deny_filter", "deny_salt")  # state added with erasure
 
 
 def partition_block(rows: int, partition: int, partitions: int) -> tuple[int, int]:
@@ -67,7 +74,12 @@ class CollisionlessIds:
             start, block = partition_block(spec.num_embeddings, rank, world_size)
             blocks.append(FeatureBlock(spec.name, config.policy(spec.name), block_start=start, block_rows=block))
         self.partition = IdPartition(
-            blocks, config.eviction, sketch=(config.sketch_width, config.sketch_depth), device=device, backend=backend
+            blocks,
+            config.eviction,
+            sketch=(config.sketch_width, config.sketch_depth),
+            device=device,
+            backend=backend,
+            forget_filter_bits=config.forget_filter_bits,
         )
         drop = [policy.unadmitted == "zero" for policy in self.partition.policies]
         self._drop_unadmitted = torch.tensor(drop, dtype=torch.bool, device=self.device)
@@ -138,6 +150,46 @@ class CollisionlessIds:
                 )
         return merged
 
+    # --- erasure ------------------------------------------------------------------------------
+
+    @property
+    def supports_forget(self) -> bool:
+        return True  # every id has its own row: releasing it removes exactly that id's parameters
+
+    def forget(self, ids_by_feature: Mapping[str, torch.Tensor | Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Erase hashed ids (table keys) per feature: release their rows, deny-list them for good.
+
+        Every rank calls it with the same ids; the owner of each id does the work. Returns, on
+        every rank, the global rows released per feature (sorted): the caller zeroes their
+        embedding and optimizer state wherever its shards hold them.
+        """
+        unknown = [name for name in ids_by_feature if name not in self.specs]
+        if unknown:
+            raise InvalidInput(f"cannot forget ids of {unknown}: no such id table (tables: {sorted(self.specs)})")
+        features, values = [], []
+        for name, ids in ids_by_feature.items():
+            ids = torch.as_tensor(ids, dtype=torch.int64).flatten().to(self.device)
+            features.append(torch.full_like(ids, self.partition.feature_index(name)))
+            values.append(fold_empty(ids))
+        if not values:
+            return {}
+        feature, ids = torch.cat(features), torch.cat(values)
+        if self.world_size > 1:
+            mine = owner_of(ids, self.world_size) == self.rank
+            feature, ids = feature[mine], ids[mine]
+        released = {name: rows.cpu() for name, rows in self.partition.forget(feature, ids).items()}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, released)
+        else:
+            everyone = [released]
+        merged = {}
+        for name in self.specs:
+            parts = [part[name] for part in everyone if name in part]
+            if parts:
+                merged[name] = torch.sort(torch.cat(parts)).values.to(self.device)
+        return merged
+
     # --- state and reporting ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -146,9 +198,13 @@ class CollisionlessIds:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for key, target in self.state_dict().items():
+            if key not in state and key.split(".", 1)[1] in FORGET_FIELDS:
+                target.zero_()  # written before erasure existed: nothing was forgotten
+                continue
             if key not in state:
                 raise KeyError(f"id-table state has no {key!r} (was the checkpoint written with {self.world_size} ranks?)")
             target.copy_(state[key])
+        self.partition.loaded()
 
     def check_resume(self, written_world_size: int) -> None:
         if written_world_size != self.world_size:
@@ -176,7 +232,7 @@ class CollisionlessIds:
         sizes = [
             [part.size(f), part.capacity[f], table.size(), table.num_slots] for f, table in enumerate(part.tables)
         ]
-        local = torch.cat([torch.tensor(sizes, dtype=torch.int64), part.stats], dim=1)
+        local = torch.cat([torch.tensor(sizes, dtype=torch.int64), part.stats, part.forget_stats], dim=1)
         if self.world_size > 1 and dist.is_initialized():
             local = local.to(self.device)
             dist.all_reduce(local)
@@ -185,7 +241,7 @@ class CollisionlessIds:
         for name, row in zip(part.names, local.tolist(), strict=True):
             used, capacity, stored, slots, *counters = row
             entry = {"rows_used": used, "capacity": capacity, "occupancy": used / capacity, "load_factor": stored / slots}
-            entry.update(dict(zip(STAT_NAMES, counters, strict=True)))
+            entry.update(dict(zip(STAT_NAMES + FORGET_STAT_NAMES, counters, strict=True)))
             report[name] = entry
         return report
 

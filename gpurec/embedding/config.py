@@ -6,6 +6,7 @@
     expire_after_hours = 0        # event-time hours without an occurrence before the row is freed; 0 = never
     eviction = "lru"              # which ids give their rows back when a table is full: lru | lfu
     unadmitted = "default_row"    # what a not-yet-admitted or unknown id reads: default_row | zero
+    forget_filter_bits = 1048576  # per partition: the Bloom filter of forgotten ids (gpurec.embedding.denylist)
 
     [model.ids.features.item_id]  # per-feature overrides of admit_after, expire_after_hours, unadmitted
     expire_after_hours = 72
@@ -62,6 +63,7 @@ class IdTableConfig:
     unadmitted: Unadmitted = "default_row"
     sketch_width: int = 1 << 16  # count-min counters per row, per counting feature and partition
     sketch_depth: int = 4
+    forget_filter_bits: int = 1 << 20  # deny-list of forgotten ids, per partition (a multiple of 8)
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +76,9 @@ class IdTableConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ids.{name} must be a positive integer, got {value!r}")
+        bits = self.forget_filter_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0 or bits % 8:
+            raise ValueError(f"ids.forget_filter_bits must be a positive multiple of 8, got {bits!r}")
         self._check_policy("ids", self.admit_after, self.expire_after_hours, self.unadmitted)
         for feature, overrides in self.features.items():
             unknown = set(overrides) - set(_OVERRIDABLE)

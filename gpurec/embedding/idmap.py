@@ -11,6 +11,13 @@ Training side: ``assign(kjt of hashed ids, event_time_ms) -> (kjt of rows, {feat
 (the rows handed to new ids this step, to re-initialise), ``state_dict``/``load_state_dict`` (saved
 with the model; empty when hashed), ``check_resume(world_size)`` and ``stats()``.
 
+Erasure: ``forget({feature: hashed ids}) -> {feature: released rows}``. A collisionless map
+releases each id's own row and deny-lists the id for good (the caller zeroes the rows); a hashed
+map returns nothing: its rows are shared by every id with the same remainder, so no row belongs
+to one user and none can be reset without erasing others. ``supports_forget`` says which, for
+reports; callers call `forget` the same way on both. With hashed tables a forgotten user's trace
+stays in the shared rows until the model is retrained without their data.
+
 Serving side: `serving_lookup(maps)` merges every partition of a trained map into a read-only
 ``nn.Module`` ``forward(kjt of ids) -> kjt of rows`` that TorchScript can script and whose buffers
 can be rewritten in place (`ModuloRemap` or `IdLookup`); ``stored_ids(feature)`` lists the ids that
@@ -19,7 +26,7 @@ have a row of their own (none when hashed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -49,6 +56,16 @@ class IdMap(Protocol):
         ...
 
     def stats(self) -> dict[str, dict[str, float]]: ...
+
+    @property
+    def supports_forget(self) -> bool:
+        """Whether `forget` can release an id's parameters (only collisionless tables can)."""
+        ...
+
+    def forget(self, ids_by_feature: Mapping[str, torch.Tensor | Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Erase hashed ids per feature; the global rows released per feature (the same on every
+        rank), whose embedding and optimizer state the caller resets. Every rank passes the same ids."""
+        ...
 
     def serving_slots(self) -> tuple[int, dict[str, torch.Tensor]]:
         """This partition's slice of the serving lookup's mutable buffers (by buffer name) and
@@ -82,6 +99,14 @@ class HashedIds:
         return None  # stateless: any world size resumes
 
     def stats(self) -> dict[str, dict[str, float]]:
+        return {}
+
+    @property
+    def supports_forget(self) -> bool:
+        return False  # rows are shared by modulo: no row is one id's to release
+
+    def forget(self, ids_by_feature: Mapping[str, torch.Tensor | Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Nothing to release (see the module docstring): the shared rows keep the trace until a retrain."""
         return {}
 
     def serving_slots(self) -> tuple[int, dict[str, torch.Tensor]]:

@@ -10,12 +10,17 @@ of vectorised operations however many features there are:
 - per feature a stack of free rows,
 - one `CountMinSketch` (ids salted by feature) counting ids that have no row yet,
 - per feature counters: occurrences, default-path occurrences, admissions, expirations,
-  evictions of a full table.
+  evictions of a full table; and forgotten ids, refused admissions;
+- a `DenyFilter` of forgotten ids (a keyed Bloom filter: no id is stored in clear).
 
 `assign` is one training step for the ids the partition owns: count them, expire stale ids,
 admit ids whose count reached `admit_after` (evicting by LRU/LFU when no row is free), and
 return every occurrence's row (-1: not admitted) plus the rows just handed out, whose embeddings
 and optimizer state must be re-initialised before they are read.
+
+`forget` is an erasure: the ids' rows are released (as expiry does), their sketch counts taken
+back, and the ids deny-listed, so that `assign` keeps mapping them to no row (the default row)
+however often they occur again. Only ids about to be admitted are checked against the list.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from gpurec.data.hashing_core import feature_salt, to_signed
 from gpurec.embedding.admission import CountMinSketch
 from gpurec.embedding.config import EvictionPolicy, FeatureIdPolicy
 from gpurec.embedding.cuckoo import EMPTY_KEY, SLOTS, CuckooTable, buckets_for_rows, probe
+from gpurec.embedding.denylist import DenyFilter
 
 NEVER = torch.iinfo(torch.int64).min
 STAT_NAMES: tuple[str, ...] = ("occurrences", "unadmitted", "admitted", "expired", "evicted_full")
+FORGET_STAT_NAMES: tuple[str, ...] = ("forgotten", "refused_forgotten")  # ids deny-listed; admissions refused
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class IdPartition:
         sketch: tuple[int, int],
         device: torch.device | str = "cpu",
         backend: str = "torch",
+        forget_filter_bits: int = 1 << 20,
     ) -> None:
         self.names = [b.name for b in blocks]
         self.policies = [b.policy for b in blocks]
@@ -95,6 +103,8 @@ class IdPartition:
         self.sketch = CountMinSketch(sketch[0] * counting, sketch[1], device=device)
         self.sketch_added = torch.zeros((), dtype=torch.int64)  # occurrences counted since the last halving
         self.stats = torch.zeros(len(blocks), len(STAT_NAMES), dtype=torch.int64)
+        self.deny = DenyFilter(forget_filter_bits)
+        self.forget_stats = torch.zeros(len(blocks), len(FORGET_STAT_NAMES), dtype=torch.int64)
 
         # Per-feature constants as tensors, gathered per id in the vectorised step.
         def per_feature(values: list[int]) -> torch.Tensor:
@@ -125,7 +135,13 @@ class IdPartition:
             "sketch": self.sketch.counters,
             "sketch_added": self.sketch_added,
             "stats": self.stats,
+            "forget_stats": self.forget_stats,
+            **self.deny.state_tensors(),
         }
+
+    def loaded(self) -> None:
+        """Call after `state_tensors()` were overwritten (a checkpoint was loaded)."""
+        self.deny.refresh()
 
     def feature_index(self, name: str) -> int:
         return self.names.index(name)
@@ -189,6 +205,8 @@ class IdPartition:
             estimate[counted] = self.sketch.add(ids[counted] ^ self._salt[feature[counted]], counts[counted])
             self._age_sketch(int(counts[counted].sum()))
         earned = estimate >= threshold
+        if not self.deny.empty and bool(earned.any()):
+            self._refuse_forgotten(feature, ids, earned)
         admitted: dict[str, Admitted] = {}
         displaced = False
         for f in torch.unique(feature[earned]).tolist():
@@ -198,6 +216,37 @@ class IdPartition:
             if new.rows.numel():
                 admitted[self.names[f]] = new
         return admitted, displaced
+
+    def _refuse_forgotten(self, feature: torch.Tensor, ids: torch.Tensor, earned: torch.Tensor) -> None:
+        """Clear ``earned`` for forgotten ids (and take their new counts back from the sketch)."""
+        for f in torch.unique(feature[earned]).tolist():
+            candidates = (earned & (feature == f)).nonzero().squeeze(1)
+            refused = candidates[self.deny.contains(self.names[f], ids[candidates].cpu()).to(candidates.device)]
+            if refused.numel():
+                earned[refused] = False
+                self.forget_stats[f, 1] += refused.numel()
+                if self.policies[f].admit_after > 1:
+                    self.sketch.forget(ids[refused] ^ self._salt[f])
+
+    def forget(self, feature: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Erase ids (``feature[i]``, ``ids[i]``): release their rows, take back their sketch counts
+        and deny-list them. Returns per feature the global rows released (whose embedding and
+        optimizer state the caller must reset). Idempotent."""
+        released: dict[str, torch.Tensor] = {}
+        if ids.numel() == 0:
+            return released
+        unique_feature, unique_ids, _, _ = _unique_pairs(feature, ids)
+        local = self.lookup(unique_feature, unique_ids)
+        for f in torch.unique(unique_feature).tolist():
+            mine = unique_feature == f
+            rows = local[mine & (local >= 0)]
+            if rows.numel():
+                self._evict_rows(f, rows)
+                released[self.names[f]] = rows + self.first_row[f]
+            self.forget_stats[f, 0] += self.deny.add(self.names[f], unique_ids[mine].cpu())
+            if self.policies[f].admit_after > 1:
+                self.sketch.forget(unique_ids[mine] ^ self._salt[f])
+        return released
 
     def _age_sketch(self, added: int) -> None:
         """Halve every counter each time as many occurrences as the sketch has counters were added.

@@ -7,6 +7,8 @@ instead of a random generator, so an id starts from the same vector whichever ro
 device it lands on. `RowReinitializer` writes it into the sharded model's tables in place and
 zeroes the row's optimizer state, for every sharding type: it walks the local shards of each
 table (row-wise: a block of rows; table-wise: all or none; column-wise: a slice of columns).
+`RowReinitializer.zero` writes zeros instead, embedding and optimizer state, for rows released by
+an erasure: the initial value is a function of the id, so it too would be a trace of the user.
 """
 
 from __future__ import annotations
@@ -81,6 +83,24 @@ class RowReinitializer:
                     written += rows.numel()
         return written
 
+    def zero(self, rows_by_feature: dict[str, torch.Tensor]) -> int:
+        """Zero the given global rows (embedding and optimizer state) this rank holds; return how
+        many row slices were written."""
+        written = 0
+        with torch.no_grad():
+            for feature, global_rows in rows_by_feature.items():
+                for shard in self.shards[feature]:
+                    local = global_rows.to(torch.int64) - shard.row_start
+                    local = local[(local >= 0) & (local < shard.weight.shape[0])]
+                    if not local.numel():
+                        continue
+                    rows = local.to(shard.weight.device)
+                    shard.weight[rows] = 0
+                    for state in shard.states:
+                        state[rows.to(state.device)] = 0
+                    written += rows.numel()
+        return written
+
 
 def _table_key(weights: dict[str, Any], spec: SparseFeatureSpec) -> str:
     suffix = f"embedding_bags.{spec.table_name}.weight"
@@ -126,6 +146,11 @@ class TouchedRows:
     def add(self, rows: KeyedJaggedTensor) -> None:
         for feature, jagged in rows.to_dict().items():
             self.dirty[feature][jagged.values()] = True
+
+    def mark(self, rows_by_feature: dict[str, torch.Tensor]) -> None:
+        """Rows changed outside a training step (an erasure zeroed them): ship them too."""
+        for feature, rows in rows_by_feature.items():
+            self.dirty[feature][rows.to(self.dirty[feature].device)] = True
 
     def take(self) -> dict[str, torch.Tensor]:
         """The touched rows of each table (sorted), and forget them."""

@@ -26,6 +26,8 @@ kill -9), or rebuild the store by replaying the event log.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import struct
 from collections import defaultdict
 from collections.abc import Iterable
@@ -104,8 +106,10 @@ class RedisFeatureStore(OnlineFeatureStore):
         meta = self._key("meta")
         try:
             self._redis.hsetnx(meta, "layout", self.layout.fingerprint)
+            self._redis.hsetnx(meta, "forget_salt", os.urandom(16).hex())
         except redis.ConnectionError as err:
             raise GpurecError(f"feature store {url}: cannot reach redis ({err})") from err
+        self._salt = bytes.fromhex(self._redis.hget(meta, "forget_salt").decode())
         stored = self._redis.hget(meta, "layout").decode()
         if stored != self.layout.fingerprint:
             raise InvalidInput(
@@ -125,14 +129,41 @@ class RedisFeatureStore(OnlineFeatureStore):
         rows = dimension_rows(table, data)
         pipe = self._redis.pipeline(transaction=True)
         packed = rows.numeric.astype("<i8")
+        denied: set[bytes] = set()
+        if table.name == "users":
+            denied = set(self._redis.smembers(self._key("forgotten")))
+        refused = 0
         for i, key in enumerate(rows.keys):
+            if denied and self.forget_digest(key) in denied:
+                refused += 1
+                continue
             mapping = {
                 ROW_FIELD: packed[i].tobytes(),
                 **{c.encode(): rows.blobs[c][i] for c in table.blob_columns},
             }
             pipe.hset(self._row_key(table, key), mapping=mapping)
         pipe.execute()
-        return WriteResult(len(rows), {"applied": len(rows)})
+        return WriteResult(len(rows), {"applied": len(rows) - refused, **({"forgotten": refused} if refused else {})})
+
+    def _forget_salt(self) -> bytes:
+        return self._salt
+
+    def _forget(self, user_id: int, digest: bytes) -> dict[str, int]:
+        """Delete the user's hash and their impression records (a scan of the day buckets: rare), then
+        deny-list the digest, in one MULTI/EXEC."""
+        doomed: dict[bytes, list[bytes]] = {}
+        for day in self._redis.zrange(self._key("days"), 0, -1):
+            bucket = self._key("imp", int(day))
+            fields = [f for f, record in self._redis.hgetall(bucket).items() if _RECORD.unpack(record)[0] == user_id]
+            if fields:
+                doomed[bucket] = fields
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.unlink(self._key("u", user_id))
+        for bucket, fields in doomed.items():
+            pipe.hdel(bucket, *fields)
+        pipe.sadd(self._key("forgotten"), digest)
+        profiles = pipe.execute()[0]
+        return {"profiles": int(profiles), "impressions": sum(len(f) for f in doomed.values())}
 
     def put_users(self, users: Batch) -> WriteResult:
         return self._put(self.layout.users, users)
@@ -294,11 +325,15 @@ class RedisFeatureStore(OnlineFeatureStore):
     def _read(self, user_id: int, item_ids: np.ndarray, ts_ms: int, profiled: bool = True) -> FeatureRows:
         ids = item_ids.tolist()
         keys = [self._key("u", user_id), *(self._key("i", iid) for iid in ids)]
-        values = self._read_script(keys=keys, args=self._read_args)
+        pipe = self._redis.pipeline(transaction=False)  # one round trip: the read and the deny-list check
+        self._read_script(keys=keys, args=self._read_args, client=pipe)
+        pipe.sismember(self._key("forgotten"), self.forget_digest(user_id))
+        values, forgotten = pipe.execute()
         n_user = len(self._fields["users"])
         user = _columns(self.layout.users, values[:n_user], 1)
         items = _columns(self.layout.items, values[n_user:], len(ids))
-        return assemble(self.layout, user_id, user, item_ids, items, ts_ms, profiled)
+        rows = assemble(self.layout, user_id, user, item_ids, items, ts_ms, profiled)
+        return dataclasses.replace(rows, forgotten=True) if forgotten and not rows.user_known else rows
 
     def _set_consent(self, user_id: int, personalisation: bool | None, training: bool | None) -> tuple[bool, bool] | None:
         """Rewrite the flags inside the user's packed row: WATCH the user's hash, read, MULTI/EXEC,

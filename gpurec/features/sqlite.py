@@ -16,7 +16,9 @@ impression) and ``meta`` (the layout fingerprint, the newest event day).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -65,6 +67,9 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS pending (request_id INTEGER NOT NULL, item_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL,"
     " watch_ms INTEGER NOT NULL, liked INTEGER NOT NULL, PRIMARY KEY (request_id, item_id)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS pending_ts ON pending (ts_ms)",
+    "CREATE INDEX IF NOT EXISTS impressions_user ON impressions (user_id)",
+    # Forgotten users' deny-list: keyed digests of their ids (see OnlineFeatureStore.forget_user).
+    "CREATE TABLE IF NOT EXISTS forgotten (digest BLOB PRIMARY KEY) WITHOUT ROWID",
 )
 
 
@@ -93,7 +98,10 @@ class SQLiteFeatureStore(OnlineFeatureStore):
             for statement in (*SCHEMA, _create_table(self.layout.users), _create_table(self.layout.items)):
                 db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('layout', ?)", (self.layout.fingerprint,))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('forget_salt', ?)", (os.urandom(16).hex(),))
             (stored,) = db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+            (salt,) = db.execute("SELECT value FROM meta WHERE key = 'forget_salt'").fetchone()
+        self._salt = bytes.fromhex(salt)
         if stored != self.layout.fingerprint:
             self._db.close()
             raise InvalidInput(
@@ -120,12 +128,34 @@ class SQLiteFeatureStore(OnlineFeatureStore):
         values = [*rows.numeric.T.tolist(), *(rows.blobs[c] for c in table.blob_columns)]
         updates = ", ".join(f"{c} = excluded.{c}" for c in stored)
         with self._write() as db:
+            records = list(zip(rows.keys, *values, strict=True))
+            if table.name == "users" and db.execute("SELECT EXISTS (SELECT 1 FROM forgotten)").fetchone()[0]:
+                denied = {d for (d,) in db.execute("SELECT digest FROM forgotten")}
+                records = [r for r in records if self.forget_digest(r[0]) not in denied]
             db.executemany(
                 f"INSERT INTO {table.name} ({table.key}, {', '.join(stored)}) VALUES ({', '.join('?' * (len(stored) + 1))})"
                 f" ON CONFLICT ({table.key}) DO UPDATE SET {updates}",
-                zip(rows.keys, *values, strict=True),
+                records,
             )
-        return WriteResult(len(rows), {"applied": len(rows)})
+        refused = len(rows) - len(records)
+        return WriteResult(len(rows), {"applied": len(records), **({"forgotten": refused} if refused else {})})
+
+    def _forget_salt(self) -> bytes:
+        return self._salt
+
+    def _forget(self, user_id: int, digest: bytes) -> dict[str, int]:
+        with self._lock:
+            # secure_delete: freed pages are overwritten with zeros, so the deleted rows' bytes do not
+            # stay readable in the file; the WAL is checkpointed and truncated after the commit for the
+            # same reason (its frames hold the old pages).
+            self._db.execute("PRAGMA secure_delete = ON")
+        with self._write() as db:
+            users = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount
+            impressions = db.execute("DELETE FROM impressions WHERE user_id = ?", (user_id,)).rowcount
+            db.execute("INSERT OR IGNORE INTO forgotten VALUES (?)", (digest,))
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"profiles": max(users, 0), "impressions": max(impressions, 0)}
 
     def put_users(self, users: Batch) -> WriteResult:
         return self._put(self.layout.users, users)
@@ -236,6 +266,9 @@ class SQLiteFeatureStore(OnlineFeatureStore):
             self._db.execute("BEGIN")  # one snapshot for the user and the items
             try:
                 user = self._db.execute(f"{self._select['users']} WHERE user_id = ?", (user_id,)).fetchall()
+                forgotten = not user and self._db.execute(
+                    "SELECT EXISTS (SELECT 1 FROM forgotten WHERE digest = ?)", (self.forget_digest(user_id),)
+                ).fetchone()[0]
                 found = self._db.execute(
                     f"{self._select['items']} WHERE item_id IN (SELECT value FROM json_each(?))",
                     (json.dumps(ids),),
@@ -243,9 +276,10 @@ class SQLiteFeatureStore(OnlineFeatureStore):
             finally:
                 self._db.execute("COMMIT")
         users = StoredRows.from_found(self.layout.users, [user_id], user)
-        return assemble(
+        rows = assemble(
             self.layout, user_id, users, item_ids, StoredRows.from_found(self.layout.items, ids, found), ts_ms, profiled
         )
+        return dataclasses.replace(rows, forgotten=True) if forgotten else rows
 
     def _set_consent(self, user_id: int, personalisation: bool | None, training: bool | None) -> tuple[bool, bool] | None:
         with self._write() as db:  # one statement: a concurrent change of the other flag is not lost

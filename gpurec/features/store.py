@@ -16,6 +16,7 @@ writes for the same events (tests/test_feature_store.py replays a world through 
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class FeatureRows:
     consent_training: bool
     user_known: bool
     item_known: np.ndarray
+    forgotten: bool = False
+    """The user asked to be forgotten (`OnlineFeatureStore.forget_user`): serve them non-profiled and
+    log nothing of the request."""
 
     @property
     def missing_items(self) -> int:
@@ -130,6 +134,25 @@ class OnlineFeatureStore(abc.ABC):
             None if personalisation is None else bool(personalisation),
             None if training is None else bool(training),
         )
+
+    @abc.abstractmethod
+    def _forget(self, user_id: int, digest: bytes) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def _forget_salt(self) -> bytes: ...
+
+    def forget_user(self, user_id: int) -> dict[str, int]:
+        """Erase a user: their profile, counters and impression records are deleted, and a keyed digest
+        of their id (not the id: a verifier searching the store must not find it) goes on the store's
+        deny-list, so reads say `forgotten` and a later profile put for the id is refused. Idempotent;
+        returns how many entries were deleted, by kind."""
+        return self._forget(_int(user_id, "user_id"), self.forget_digest(user_id))
+
+    def forget_digest(self, user_id: int) -> bytes:
+        """The deny-list entry of a user id: BLAKE2b keyed with the store's own random salt, so the
+        entry names the user only to someone holding the store (who can test candidate ids)."""
+        raw = int(user_id).to_bytes(8, "little", signed=True)
+        return hashlib.blake2b(raw, key=self._forget_salt(), digest_size=16).digest()
 
     @abc.abstractmethod
     def prune(self, before_ms: int) -> None:

@@ -37,6 +37,7 @@ from gpurec.serve.model_metrics import MetricSpec, ModelMetrics
 from gpurec.stream.join import CONSENT
 from gpurec.stream.log import EventLog, Record, open_event_log
 from gpurec.stream.records import INT64_MAX, INT64_MIN, ConsentChange, encode
+from gpurec.stream.retention import default_retention_ms
 
 CONSENT_TOPIC: Final = CONSENT
 
@@ -91,23 +92,70 @@ class ConsentService:
         )
         return change
 
-    def _apply(
-        self, user_id: int, personalisation: bool | None, training: bool | None, ts_ms: int | None
-    ) -> ConsentChange:
+    def forget(self, user_id: int, ts_ms: int | None = None) -> ConsentChange:
+        """The request step of an erasure (`gpurec.privacy.forget`): the store forgets the user (next
+        request non-profiled and unlogged, the id deny-listed) and a `ConsentChange(forget=True)` goes
+        on the `consent` topic (the joiner and the online trainer act on it). Idempotent; a user the
+        store does not know is forgotten all the same (they may have been forgotten before)."""
+        try:
+            change = self._forget(user_id, ts_ms)
+        except ConsentRequestError:
+            self.metrics.add("gpurec_consent_requests_total", outcome="invalid")
+            raise
+        except ConsentUnavailable:
+            self.metrics.add("gpurec_consent_requests_total", outcome="unavailable")
+            raise
+        except Exception:
+            self.metrics.add("gpurec_consent_requests_total", outcome="failed")
+            raise
+        self.metrics.add("gpurec_consent_requests_total", outcome="ok")
+        self.metrics.add("gpurec_consent_changes_total", personalisation="forgotten", training="forgotten")
+        return change
+
+    def _forget(self, user_id: int, ts_ms: int | None) -> ConsentChange:
+        user_id, ts_ms = self._checked(user_id, ts_ms)
+        with self._lock:
+            store = self._open_store()
+            try:
+                store.forget_user(user_id)
+            except Exception as err:
+                self._drop_store()
+                raise ConsentUnavailable(f"consent: feature store: {type(err).__name__}: {err}") from err
+            change = ConsentChange(user_id=user_id, training=False, ts_ms=ts_ms, personalisation=False, forget=True)
+            self._append(user_id, change)
+        return change
+
+    def _checked(self, user_id: int, ts_ms: int | None) -> tuple[int, int]:
         try:
             user_id = operator.index(user_id) if not isinstance(user_id, bool) else None  # type: ignore[assignment]
         except TypeError:
             user_id = None  # type: ignore[assignment]
         if user_id is None or not INT64_MIN <= user_id <= INT64_MAX:
             raise ConsentRequestError(f"user_id must be a 64-bit integer, got {user_id!r}")
-        if personalisation is None and training is None:
-            raise ConsentRequestError("give personalisation, training or both")
         ts_ms = int(time.time() * 1000) if ts_ms is None else int(ts_ms)
         if not 0 <= ts_ms <= INT64_MAX:
             raise ConsentRequestError(f"ts_ms must be an event time in epoch milliseconds (>= 0), got {ts_ms}")
         for setting, what in (("feature_store", "feature store"), ("event_log", "event log")):
             if not getattr(self.settings, setting):
                 raise ConsentUnavailable(f"consent: no {what} configured (export or serve with --{setting.replace('_', '-')} URL)")
+        return user_id, ts_ms
+
+    def _append(self, user_id: int, change: ConsentChange) -> None:
+        try:
+            log = self._open_log()
+            log.append(CONSENT_TOPIC, [Record(user_id, encode(change), change.ts_ms)])
+        except Exception as err:
+            self._drop_log()
+            raise ConsentUnavailable(
+                f"consent: the profile is changed but the event log failed ({type(err).__name__}: {err}); retry"
+            ) from err
+
+    def _apply(
+        self, user_id: int, personalisation: bool | None, training: bool | None, ts_ms: int | None
+    ) -> ConsentChange:
+        if personalisation is None and training is None:
+            raise ConsentRequestError("give personalisation, training or both")
+        user_id, ts_ms = self._checked(user_id, ts_ms)
         with self._lock:  # one change at a time per instance: the store and log clients are shared
             store = self._open_store()
             try:
@@ -120,14 +168,7 @@ class ConsentService:
             if flags is None:
                 raise ConsentRequestError(f"unknown user {user_id}: the feature store has no profile of them")
             change = ConsentChange(user_id=user_id, training=flags[1], ts_ms=ts_ms, personalisation=flags[0])
-            try:
-                log = self._open_log()
-                log.append(CONSENT_TOPIC, [Record(user_id, encode(change), ts_ms)])
-            except Exception as err:
-                self._drop_log()
-                raise ConsentUnavailable(
-                    f"consent: the profile is changed but the event log failed ({type(err).__name__}: {err}); retry"
-                ) from err
+            self._append(user_id, change)
         return change
 
     def _open_store(self) -> OnlineFeatureStore:
@@ -180,7 +221,7 @@ def create_consent_topic(log: EventLog, default_partitions: int) -> None:
         return
     partitions = next((log.partitions(t) for t in (SERVED_TOPIC, ACTIONS_TOPIC) if t in topics), default_partitions)
     with contextlib.suppress(InvalidInput):  # another instance created it meanwhile
-        log.create_topic(CONSENT_TOPIC, partitions, exist_ok=True)
+        log.create_topic(CONSENT_TOPIC, partitions, retention_ms=default_retention_ms(log, CONSENT_TOPIC), exist_ok=True)
 
 
 def _on_off(flag: bool) -> str:

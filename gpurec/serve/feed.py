@@ -16,7 +16,8 @@ ranker as a BLS call; a test or a benchmark can give it any scoring function. On
 3. `score(inputs)`: the ranker's scores (the BLS call to `ranker`, whose dynamic batcher merges
    concurrent users);
 4. the top n; one `ServedRow` per shown item (exactly the inputs the ranker scored) handed to the
-   `ServedLogWriter` (a failure to log never fails the request; it is counted).
+   `ServedLogWriter` (a failure to log never fails the request: while the log cannot be opened
+   the rows wait in a bounded queue and are written when it returns; a failed append is counted).
 
 Bad requests raise `FeedRequestError` (INVALID_ARG); an unknown user is a cold start, not an error.
 Metrics are buffered in a `ModelMetrics` and flushed by the model to Triton's metrics endpoint.
@@ -49,6 +50,7 @@ from gpurec.serve.served_log import ServedLogWriter
 from gpurec.serve.source_follower import SourceFollower
 from gpurec.stream.log import EventLog, Record, open_event_log
 from gpurec.stream.records import ModelInputs, ServedRow, encode, encode_inputs
+from gpurec.stream.retention import default_retention_ms
 
 STORE_RETRY_S: Final = 5.0
 METRICS: Final = (
@@ -64,6 +66,7 @@ METRICS: Final = (
     MetricSpec("gpurec_feed_log_queue_batches", "gauge", "Requests whose served rows wait to be logged, per instance"),
     MetricSpec("gpurec_feed_source_lag_records", "gauge", "Records of the followed topics not read yet, per instance"),
     MetricSpec("gpurec_feed_source_errors_total", "counter", "Failures reading the event log for candidates"),
+    MetricSpec("gpurec_feed_rows_unlogged_total", "counter", "Served rows answered but deliberately not logged, by reason (forgotten: an erased user)"),
     MetricSpec("gpurec_feed_requests_by_mode_total", "counter", "Answered feed requests by mode (personalised, non_profiled)"),
 )
 
@@ -215,7 +218,7 @@ class FeedService:
         if SERVED_TOPIC not in topics:
             partitions = log.partitions(ACTIONS_TOPIC) if ACTIONS_TOPIC in topics else self.settings.served_partitions
             with contextlib.suppress(InvalidInput):  # another instance created it meanwhile
-                log.create_topic(SERVED_TOPIC, partitions, exist_ok=True)
+                log.create_topic(SERVED_TOPIC, partitions, retention_ms=default_retention_ms(log, SERVED_TOPIC), exist_ok=True)
 
     def _written(self, rows: int, delay_ms: float) -> None:
         self.metrics.add("gpurec_feed_served_rows_total", rows)
@@ -376,6 +379,9 @@ class FeedService:
 
     def _log_served(self, plan: FeedPlan, top: np.ndarray) -> None:
         if self.writer is None:
+            return
+        if plan.rows.forgotten:  # an erased user: answered non-profiled, nothing of the request kept
+            self.metrics.add("gpurec_feed_rows_unlogged_total", len(top), reason="forgotten")
             return
         try:
             records = [

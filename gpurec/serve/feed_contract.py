@@ -37,15 +37,18 @@ DEFAULT_MAX_N: Final = 100
 # The `consent` model: one user's consent change, effective at their next feed request.
 #   inputs   user_id INT64 [1]; personalisation BOOL [1], training BOOL [1] (optional: a flag left
 #            out keeps its value, at least one is required); ts_ms INT64 [1] (optional: event time)
+#            forget BOOL [1] (optional: true erases the user, `gpurec.privacy.forget`'s request step)
 #   outputs  personalisation BOOL [1], training BOOL [1] (the consent after the change), ts_ms INT64 [1]
 CONSENT_MODEL: Final = "consent"
 PERSONALISATION: Final = "personalisation"
 TRAINING: Final = "training"
+FORGET: Final = "forget"
 
 __all__ = [
     "CONSENT_MODEL",
     "DEFAULT_MAX_N",
     "FEED_MODEL",
+    "FORGET",
     "ITEM_IDS_OUTPUT",
     "MODEL_VERSION_OUTPUT",
     "N_INPUT",

@@ -22,6 +22,7 @@ from gpurec.serve.contract import RANKER_MODEL, RECOMMEND_MODEL, ServingContract
 from gpurec.serve.feed_contract import (
     CONSENT_MODEL,
     FEED_MODEL,
+    FORGET,
     ITEM_IDS_OUTPUT,
     MODEL_VERSION_OUTPUT,
     N_INPUT,
@@ -124,6 +125,7 @@ def consent_config(parameters: dict[str, str]) -> str:
         _feed_tensor(PERSONALISATION, "TYPE_BOOL", "1", optional=True),
         _feed_tensor(TRAINING, "TYPE_BOOL", "1", optional=True),
         _feed_tensor(TS_INPUT, "TYPE_INT64", "1", optional=True),
+        _feed_tensor(FORGET, "TYPE_BOOL", "1", optional=True),
     ]
     outputs = [
         _feed_tensor(PERSONALISATION, "TYPE_BOOL", "1"),

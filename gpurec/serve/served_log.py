@@ -8,8 +8,11 @@ queued when the process dies are lost, and a response can reach the user before 
 durable (the joiner holds early actions until their row comes, see `gpurec.stream.joiner`).
 
 Failures are counted, never raised: an append that fails loses that batch (`failed`; not retried,
-so a batch that did reach the log is never written twice), a full queue drops the new rows
-(`dropped`), a log that cannot be opened is opened again with backoff while rows wait.
+so a batch that did reach the log is never written twice; the Kafka client reconnects by itself);
+a log that cannot be opened is opened again with backoff while rows wait in the queue, which is
+the bound: a full queue drops the new rows (`dropped`, reason `queue_full`), and rows still queued
+at `close` while the log is away are counted lost (`log_unavailable`). When the log opens, the
+waiting rows are written.
 """
 
 from __future__ import annotations
@@ -123,35 +126,56 @@ class ServedLogWriter:
             self._log = log
         return self._log
 
+    def _disconnect(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            with contextlib.suppress(Exception):
+                log.close()
+
+    def _lose_queued(self, reason: str) -> None:
+        """Count every queued row as lost (closing while the log is away)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1]:
+                self._fail(len(item[1]), reason)
+
     def _run(self) -> None:
         backoff = 0.2
         while True:
             if self._closing.is_set() and self._queue.empty():
                 break
+            if self._log is None:
+                try:
+                    self._connect()
+                except Exception as err:  # the log is away: rows wait in the (bounded) queue
+                    self.stats.last_error = f"{type(err).__name__}: {err}"
+                    if self._closing.is_set():
+                        self._lose_queued("log_unavailable")
+                        break
+                    self._closing.wait(backoff)  # do not spin on opening it; `close` wakes it
+                    backoff = min(5.0, backoff * 2)
+                    continue
+                backoff = 0.2
             batch = self._next_batch()
             records = [r for _, batch_records in batch for r in batch_records]
             if not records:
                 continue
             try:
-                log = self._connect()
-                assert log is not None
-                log.append(self.topic, records)
+                assert self._log is not None
+                self._log.append(self.topic, records)
             except Exception as err:
                 self.stats.last_error = f"{type(err).__name__}: {err}"
-                self._fail(len(records), "append_failed" if self._log is not None else "log_unavailable")
-                if self._log is None and not self._closing.is_set():
-                    time.sleep(backoff)  # the log is down: do not spin on opening it
-                    backoff = min(5.0, backoff * 2)
+                self._fail(len(records), "append_failed")
                 continue
-            backoff = 0.2
             delay_ms = (time.monotonic() - batch[0][0]) * 1000.0
             self.stats.written += len(records)
             self.stats.last_delay_ms = delay_ms
             if self.on_written is not None:
                 self.on_written(len(records), delay_ms)
-        if self._log is not None:
-            with contextlib.suppress(Exception):
-                self._log.close()
+        self._disconnect()
 
 
 __all__ = ["ServedLogWriter", "WriterStats"]

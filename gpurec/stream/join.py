@@ -46,6 +46,7 @@ from gpurec.stream.records import (
     decoder,
     encode,
 )
+from gpurec.stream.retention import default_retention_ms
 from gpurec.stream.watermark import WatermarkTracker
 
 SERVED, ACTIONS, CONSENT = "served", "actions", "consent"
@@ -176,7 +177,7 @@ class _PartitionJoin:
         if topic == ACTIONS:
             self._actions.append(value)
             return self.joiner.on_action(value)
-        return self.joiner.on_consent(value.user_id, value.training, value.ts_ms)
+        return self.joiner.on_consent(value.user_id, value.training, value.ts_ms, value.forget)
 
     def _update_store(self) -> None:
         """Count this step's impressions and actions in the online feature store (idempotent)."""
@@ -285,7 +286,7 @@ def ensure_topics(log: EventLog, partitions: int) -> None:
     existing = set(log.topics())
     for topic in (SERVED, ACTIONS, EXAMPLES, DEAD_LETTER):
         if topic not in existing:
-            log.create_topic(topic, partitions)
+            log.create_topic(topic, partitions, retention_ms=default_retention_ms(log, topic))
     if log.partitions(SERVED) != log.partitions(ACTIONS):
         raise InvalidInput(
             f"{SERVED} has {log.partitions(SERVED)} partitions but {ACTIONS} has {log.partitions(ACTIONS)}: "

@@ -139,13 +139,16 @@ class Joiner:
         self._rows: dict[Key, RowState] = {}
         self._early: dict[Key, list[EarlyAction]] = {}
         self._consent: dict[int, ConsentState] = {}
+        # Forgotten users: excluded like a revoke, but kept in memory only (their stored consent entry is
+        # deleted); after a restart their new rows carry consent_training=False anyway (no profile).
+        self._forgotten: set[int] = set()
         self._timers: list[Timer] = []
         # Rows closed in deadline order end their grace in that order: a queue, not the heap.
         self._grace_queue: deque[tuple[int, Key]] = deque()
         # Entries changed since the last drain: key -> the value now, None when deleted.
         self._dirty_rows: dict[Key, RowState | None] = {}
         self._dirty_early: dict[Key, list[EarlyAction] | None] = {}
-        self._dirty_consent: dict[int, ConsentState] = {}
+        self._dirty_consent: dict[int, ConsentState | None] = {}
         self._meta_dirty = True
 
     @property
@@ -165,7 +168,7 @@ class Joiner:
             counts["served_duplicates"] += 1
             return []
         self._seq = seq = self._seq + 1
-        if row.consent_training and not (self._consent and self._excluded(row.user_id, row.ts_ms)):
+        if row.consent_training and not ((self._consent or self._forgotten) and self._excluded(row.user_id, row.ts_ms)):
             state = RowState(seq, row.ts_ms, row.user_id, row)
         else:
             state = RowState(seq, row.ts_ms, row.user_id, None)
@@ -190,7 +193,7 @@ class Joiner:
         counts = self._counts
         counts["actions"] += 1
         self._meta_dirty = True
-        if self._consent and self._excluded(action.user_id, action.ts_ms):
+        if (self._consent or self._forgotten) and self._excluded(action.user_id, action.ts_ms):
             counts["non_consenting_actions"] += 1
             return []
         key = pack_key(action.request_id, action.item_id)
@@ -216,10 +219,17 @@ class Joiner:
         counts["early"] += 1
         return []
 
-    def on_consent(self, user_id: int, training: bool, ts_ms: int) -> list[Output]:
-        """A consent change at event time ts_ms. A revoke strips the user's held rows at once."""
+    def on_consent(self, user_id: int, training: bool, ts_ms: int, forget: bool = False) -> list[Output]:
+        """A consent change at event time ts_ms. A revoke strips the user's held rows at once; a
+        forget does too, and deletes the user's stored consent entry."""
         self._counts["consent_changes"] += 1
         self._meta_dirty = True
+        if forget:
+            self._forgotten.add(user_id)
+            self._strip(user_id)
+            if self._consent.pop(user_id, None) is not None or user_id in self._dirty_consent:
+                self._dirty_consent[user_id] = None
+            return []
         current = self._consent.get(user_id)
         if training:
             # Only a re-grant after a revoke needs state; a grant older than the revoke changes nothing.
@@ -230,6 +240,11 @@ class Joiner:
             return []  # an older revoke than the re-grant already recorded: rows up to the grant are out
         revoked_at = ts_ms if current is None else max(ts_ms, current.ts_ms)
         self._consent[user_id] = self._dirty_consent[user_id] = ConsentState(False, revoked_at)
+        self._strip(user_id)
+        return []
+
+    def _strip(self, user_id: int) -> None:
+        """Drop the inputs of a user's held rows and waiting actions (a revoke or a forget)."""
         # Revokes are rare: a scan of the held rows costs less than keeping an index by user.
         for key, row in self._rows.items():
             if row.user_id == user_id and row.served is not None:
@@ -247,7 +262,6 @@ class Joiner:
             else:
                 del self._early[key]
                 self._dirty_early[key] = None
-        return []
 
     def on_watermark(self, ts_ms: int) -> list[Output]:
         """Advance event time to ts_ms: close windows, end grace periods, expire waiting actions."""
@@ -260,6 +274,8 @@ class Joiner:
     # ---- the join -----------------------------------------------------------------------------
 
     def _excluded(self, user_id: int, ts_ms: int) -> bool:
+        if user_id in self._forgotten:
+            return True
         consent = self._consent.get(user_id)
         return consent is not None and (not consent.training or ts_ms <= consent.ts_ms)
 
@@ -377,8 +393,11 @@ class Joiner:
                 else:
                     upserts[prefix + key] = encode_state(value)
             dirty.clear()
-        for user_id, consent in self._dirty_consent.items():  # consent entries are never deleted
-            upserts[CONSENT_PREFIX + pack_user(user_id)] = encode_state(consent)
+        for user_id, consent in self._dirty_consent.items():  # deleted only when the user is forgotten
+            if consent is None:
+                deletes.add(CONSENT_PREFIX + pack_user(user_id))
+            else:
+                upserts[CONSENT_PREFIX + pack_user(user_id)] = encode_state(consent)
         self._dirty_consent.clear()
         if self._meta_dirty:
             upserts[META_KEY] = encode_state(self._meta())

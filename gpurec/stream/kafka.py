@@ -33,7 +33,15 @@ from confluent_kafka import (
     Producer,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    OffsetSpec,
+    ResourceType,
+)
 
 from gpurec.errors import GpurecError, InvalidInput
 from gpurec.stream.log import (
@@ -80,6 +88,8 @@ class KafkaEventLog(EventLog):
     so that a small broker rolls segments and compacts within seconds); `replication_factor` is 1
     for a single broker, 3 for a production cluster.
     """
+
+    retention_clock = "wall"  # the broker expires records against its own clock
 
     def __init__(
         self,
@@ -417,6 +427,14 @@ class KafkaEventLog(EventLog):
                     offset, deadline = batch[-1].offset() + 1, time.monotonic() + self.timeout_s
                 if at_end:
                     return state
+
+    def set_retention(self, topic: str, retention_ms: int | None) -> None:
+        check_topic_spec(topic, self.partitions(topic), retention_ms)
+        entry = ConfigEntry("retention.ms", str(retention_ms if retention_ms is not None else -1),
+                            incremental_operation=AlterConfigOpType.SET)  # fmt: skip
+        resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+        for future in self._admin.incremental_alter_configs([resource], request_timeout=self.timeout_s).values():
+            future.result()
 
     def cleanup(self, now_ms: int | None = None) -> None:
         """The broker applies retention and compaction itself."""

@@ -9,7 +9,9 @@
   each commit and survives power loss too, at some throughput.
 - No notifications: readers poll `read` / `end_offsets`.
 - Retention and compaction run in `cleanup()`, which `append`/`commit` also call every
-  `cleanup_interval_s` seconds. Retention goes by event time, as in log.py.
+  `cleanup_interval_s` seconds. Retention goes by event time, as in log.py; the automatic runs
+  measure it from each topic's newest event time (capped by the wall clock), so a simulated
+  world whose clock runs in the past keeps its windows (see `cleanup`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -303,19 +305,34 @@ class LocalEventLog(EventLog):
 
     # -- retention and compaction -----------------------------------------------------------------
 
+    def set_retention(self, topic: str, retention_ms: int | None) -> None:
+        with self._lock:
+            t = self._topic(topic)  # InvalidInput for an unknown topic
+        check_topic_spec(topic, t.partitions, retention_ms)
+        with self._write() as db:
+            db.execute("UPDATE topics SET retention_ms = ? WHERE id = ?", (retention_ms, t.id))
+        t.retention_ms = retention_ms
+
     def cleanup(self, now_ms: int | None = None) -> None:
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        """Without `now_ms`, each topic's retention is measured from its newest event time, capped by
+        the wall clock: a simulated world's event time runs months behind the wall clock (measured
+        from the wall clock, a 7-day window would expire every record a minute after it was
+        written), and the cap keeps one bogus future timestamp from expiring a whole topic."""
+        wall_ms = int(time.time() * 1000)
         self._last_cleanup = time.monotonic()
         with self._lock:
+            # Expired records' bytes are overwritten, not left readable in free pages of the file.
+            self._db.execute("PRAGMA secure_delete = ON")
             rows = self._db.execute(
                 "SELECT id, partitions, retention_ms, compacted FROM topics"
                 " WHERE retention_ms IS NOT NULL OR compacted"
             ).fetchall()
         for topic_id, partitions, retention_ms, compacted in rows:
+            topic_now = now_ms if now_ms is not None else min(wall_ms, self._newest_ts(topic_id, partitions, wall_ms))
             for partition in range(partitions):  # one short transaction per partition: writers interleave
                 with self._write() as db:
                     if retention_ms is not None:
-                        self._retain(db, topic_id, partition, now_ms - retention_ms)
+                        self._retain(db, topic_id, partition, topic_now - retention_ms)
                     if compacted:
                         # Keep the newest record of each key; older ones become gaps in the offsets.
                         db.execute(
@@ -324,6 +341,21 @@ class LocalEventLog(EventLog):
                             " WHERE topic_id = ?1 AND partition = ?2 GROUP BY key)",
                             (topic_id, partition),
                         )
+
+    def _newest_ts(self, topic_id: int, partitions: int, default: int, tail: int = 64) -> int:
+        """The newest timestamp among the last `tail` records of each partition (the offset index
+        finds them; records are nearly in event-time order), `default` for an empty topic."""
+        newest = None
+        with self._lock:
+            for partition in range(partitions):
+                (found,) = self._db.execute(
+                    "SELECT MAX(ts) FROM (SELECT ts FROM records WHERE topic_id = ? AND partition = ?"
+                    " ORDER BY offset DESC LIMIT ?)",
+                    (topic_id, partition, tail),
+                ).fetchone()
+                if found is not None:
+                    newest = found if newest is None else max(newest, found)
+        return default if newest is None else newest
 
     @staticmethod
     def _retain(db: sqlite3.Connection, topic_id: int, partition: int, cutoff_ms: int) -> None:
@@ -348,6 +380,42 @@ class LocalEventLog(EventLog):
             "UPDATE partitions SET start_offset = MAX(start_offset, ?) WHERE topic_id = ? AND partition = ?",
             (new_start, topic_id, partition),
         )
+
+    # -- erasure ----------------------------------------------------------------------------------
+
+    def erase(
+        self,
+        key: int,
+        scan: Mapping[str, Callable[[bytes], bool]] | None = None,
+        state_keys: Iterable[bytes] = (),
+    ) -> dict[str, int]:
+        deleted: dict[str, int] = {}
+        with self._lock:
+            # Deleted rows' bytes are overwritten (not just unlinked), and the WAL, which holds the
+            # old pages, is truncated after the commit: the file keeps no readable copy.
+            self._db.execute("PRAGMA secure_delete = ON")
+        with self._write() as db:
+            for topic_id, name in db.execute("SELECT id, name FROM topics").fetchall():
+                count = db.execute("DELETE FROM records WHERE topic_id = ? AND key = ?", (topic_id, key)).rowcount
+                matches = (scan or {}).get(name)
+                if matches is not None:
+                    doomed = [
+                        (topic_id, partition, offset)
+                        for partition, offset, value in db.execute(
+                            "SELECT partition, offset, value FROM records WHERE topic_id = ?", (topic_id,)
+                        )
+                        if matches(bytes(value))
+                    ]
+                    db.executemany("DELETE FROM records WHERE topic_id = ? AND partition = ? AND offset = ?", doomed)
+                    count += len(doomed)
+                if count:
+                    deleted[name] = count
+            states = sum(db.execute("DELETE FROM state WHERE key = ?", (k,)).rowcount for k in state_keys)
+            if states:
+                deleted["state"] = states
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
 
     def close(self) -> None:
         with self._lock:

@@ -27,19 +27,23 @@ from __future__ import annotations
 import numbers
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from gpurec.data.hashing_core import splitmix64
-from gpurec.errors import InvalidInput
+from gpurec.errors import GpurecError, InvalidInput
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _UINT64_MASK = (1 << 64) - 1
 # Kafka's legal topic characters, shortened so that a state changelog name built from a group and a
 # topic (see kafka.py) stays under Kafka's 249-character limit.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class EraseUnsupported(GpurecError):
+    """The backend cannot delete single records (Kafka): they go when retention expires them."""
 
 
 class Record(NamedTuple):
@@ -138,6 +142,10 @@ def check_topic_spec(name: str, partitions: object, retention_ms: object) -> Non
 class EventLog(ABC):
     """Named topics of append-only partitions, consumer-group offsets and per-partition state."""
 
+    # What retention windows are measured back from when the backend applies them itself: "event"
+    # (the topic's newest event time, local) or "wall" (the broker's clock, Kafka).
+    retention_clock: str = "event"
+
     @abstractmethod
     def create_topic(
         self,
@@ -203,6 +211,28 @@ class EventLog(ABC):
     def cleanup(self, now_ms: int | None = None) -> None:
         """Apply retention and compaction now where the backend does it itself (local); a Kafka
         broker does both on its own schedule, so there this only returns."""
+
+    def set_retention(self, topic: str, retention_ms: int | None) -> None:
+        """Change an existing topic's retention (None: keep forever); the next cleanup (the local
+        backend) or the broker's next pass (Kafka) applies it. `gpurec retention` uses this to put
+        a workspace's configured windows on topics created before them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change a topic's retention")
+
+    def erase(
+        self,
+        key: int,
+        scan: Mapping[str, Callable[[bytes], bool]] | None = None,
+        state_keys: Iterable[bytes] = (),
+    ) -> dict[str, int]:
+        """Delete one user's records from every topic (an erasure request): every record with `key`,
+        the records of the topics in `scan` (topics not keyed by user, e.g. dead letters) whose value
+        the topic's predicate matches, and the state entries named in `state_keys` (of any group).
+        Returns the deleted counts by topic (and "state"). Offsets of deleted records become gaps,
+        as compaction leaves them.
+
+        A Kafka broker cannot delete single records: there the records expire with the topic's
+        retention (`EraseUnsupported` says when)."""
+        raise EraseUnsupported(f"{type(self).__name__} cannot delete single records")
 
     @abstractmethod
     def close(self) -> None:

@@ -254,7 +254,7 @@ class _PartitionJoin:
             return self.joiner.on_served(decoded)
         if topic == ACTIONS:
             return self.joiner.on_action(decoded)
-        return self.joiner.on_consent(decoded.user_id, decoded.training, decoded.ts_ms)
+        return self.joiner.on_consent(decoded.user_id, decoded.training, decoded.ts_ms, decoded.forget)
 
     def write(self, transaction: Any) -> None:
         """This record's state changes into the checkpoint's transaction (committed with the offsets)."""

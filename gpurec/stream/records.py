@@ -94,6 +94,9 @@ class ConsentChange(msgspec.Struct, frozen=True, array_like=True, gc=False):
     training: bool
     ts_ms: Int64
     personalisation: bool | None = None
+    forget: bool = False
+    """An erasure request (`gpurec forget`): both consents off, and every stage drops what it holds
+    of the user (the joiner its state, the online trainer the user's embedding row)."""
 
 
 class Example(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -16,7 +16,8 @@ A delta is one file `<seq:09d>.<kind>.delta` in the sync directory:
   where a server that starts, restarts or falls behind begins).
 - Entries carry current values, not differences, so applying a delta twice is harmless.
 - Atomic: written to a hidden temporary file, flushed and fsync'ed, then renamed into place; a
-  reader never sees a half-written delta under its final name. The checksum catches what the
+  reader never sees a half-written delta under its final name. A write that fails (a full disk)
+  removes its temporary file and raises `DeltaNotWritten`; the deltas before it stay as they were. The checksum catches what the
   filesystem did not (a torn copy, a flipped byte): such a delta is refused, never half applied.
 - `DeltaApplier` applies deltas to a module's tensors all-or-nothing: every entry is checked
   (name, dtype, shape, index range) before the first is written, and the writes happen under the
@@ -50,6 +51,10 @@ class CorruptDelta(ValueError):
     """A delta file that is not whole or not what its header says."""
 
 
+class DeltaNotWritten(OSError):
+    """A delta (or snapshot) that could not be written whole (disk full): nothing of it is visible."""
+
+
 def delta_name(seq: int, kind: str) -> str:
     return f"{seq:09d}.{kind}.delta"
 
@@ -66,12 +71,17 @@ def write_delta(directory: str | Path, seq: int, kind: str, entries: list[Entry]
     head = {**(header or {}), "format": FORMAT, "seq": seq, "kind": kind, "sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload)}
     final = directory / delta_name(seq, kind)
     temporary = directory / f".{final.name}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as f:
-        f.write(json.dumps(head, sort_keys=True).encode() + b"\n")
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, final)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(json.dumps(head, sort_keys=True).encode() + b"\n")
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, final)
+    except OSError as error:  # a full disk: free what the partial file took; the older deltas stand
+        temporary.unlink(missing_ok=True)
+        message = f"delta {final.name} not written to {directory}: {error.strerror or error}; the deltas before it are intact"
+        raise DeltaNotWritten(*((error.errno, message) if error.errno else (message,))) from error
     _fsync_directory(directory)
     return final
 

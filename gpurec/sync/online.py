@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 
 from gpurec.data.hashing_core import splitmix64
@@ -50,6 +51,7 @@ from gpurec.model.checkpoint import (
 from gpurec.stream.log import EventLog, Record
 from gpurec.stream.records import DeadLetter, Example, encode
 from gpurec.sync.examples import EXAMPLES_TOPIC, ExampleFeed, Taken, check_fits, to_batch
+from gpurec.sync.forget import USER_FEATURE, ForgetFollower, user_table_key
 from gpurec.sync.progressive import ProgressiveScores, load_progressive, task_aucs
 from gpurec.train.config import TrainConfig
 from gpurec.train.distributed import init_distributed
@@ -103,6 +105,8 @@ class StepListener(Protocol):
 
     def finish(self, state: TrainerState) -> dict[str, Any]: ...
 
+    def after_forget(self, trainer: Trainer, state: TrainerState) -> None: ...
+
 
 def train_online(
     log: EventLog,
@@ -148,13 +152,14 @@ def train_online(
     start = log.start_offsets(settings.topic)
     positions = {p: state.offsets.get(f"{settings.topic}/{p}", start[p]) for p in range(partitions)}
     feed = ExampleFeed(log, positions, settings.topic)
+    forgets = ForgetFollower(log, state.offsets)
     scores = ProgressiveScores(out_dir, run.model_config.tasks, ctx.rank)
     scores.forget_after(state.step)  # scores saved ahead of a checkpoint that never completed
     bar = _progress_bar(progress and ctx.is_main)
     stop = stop or threading.Event()
     started, first_step = time.perf_counter(), state.step
     last_checkpoint, waiting_since = time.monotonic(), None
-    trained = invalid = 0
+    trained = invalid = forgotten = 0
     checkpoint = own
 
     reference = settings.reference_batch if settings.reference_batch is not None else train_config.batch_size
@@ -172,7 +177,15 @@ def train_online(
             at_limit = settings.max_steps and state.step + (plan is not None) >= settings.max_steps
             done = stop.is_set() or bool(at_limit) or (drain and plan is None)
             save = now - last_checkpoint >= settings.checkpoint_every_s
-        plan, done, save = _broadcast((plan, done, save), ctx.world_size)
+            users = forgets.poll()
+        else:
+            users = []
+        plan, done, save, users = _broadcast((plan, done, save, users), ctx.world_size)
+        if users:  # erasure requests: before any step, so no later step trains the user's row again
+            trainer.forget({USER_FEATURE: torch.tensor([user_table_key(u) for u in users], dtype=torch.int64)})
+            forgotten += len(users)
+            if listening is not None:
+                listening.after_forget(trainer, state)
         if plan is not None:
             taken = feed.take_until(plan)
             usable, letters = _usable(taken, run)
@@ -196,6 +209,8 @@ def train_online(
             state.offsets = {f"{settings.topic}/{p}": o for p, o in feed.positions.items()}
             bar.update(len(taken))
             bar.set_postfix(step=state.step, lag=feed.lag() if ctx.is_main else 0, refresh=False)
+        if ctx.is_main:
+            state.offsets.update(forgets.offsets())
         if save or (done and state.step > (_step_of(checkpoint))):
             scores.save(state.step)  # before the checkpoint: a crash in between leaves files past it
             checkpoint = _checkpoint(out_dir, trainer, state, log, settings, ctx.is_main)
@@ -214,6 +229,7 @@ def train_online(
         "examples": trained,
         "examples_total": state.samples,
         "invalid": invalid,
+        "forgotten_users": forgotten,
         "seconds": round(seconds, 3),
         "examples_per_s": round(trained / max(seconds, 1e-9), 1),
         "lag": feed.lag(),
@@ -261,7 +277,7 @@ def _dead_letter(log: EventLog, letters: list[DeadLetter]) -> None:
 def _checkpoint(out_dir: Path, trainer: Trainer, state: TrainerState, log: EventLog, settings: OnlineSettings, main: bool):
     path = save_checkpoint(out_dir, trainer.model, trainer.optimizer, state, ids=trainer.ids)
     if main:  # for lag monitoring only: the checkpoint's offsets are the trainer's truth
-        offsets = {(settings.topic, int(k.rsplit("/", 1)[1])): v for k, v in state.offsets.items()}
+        offsets = {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])): v for k, v in state.offsets.items()}
         log.commit(settings.group, offsets=offsets)
     return path
 

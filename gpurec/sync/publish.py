@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 from gpurec.embedding.rows import TouchedRows
-from gpurec.errors import InvalidInput
+from gpurec.errors import GpurecError, InvalidInput
 from gpurec.model.checkpoint import TrainerState
 from gpurec.stream.log import EventLog, Record
-from gpurec.sync.deltafile import Entry, delta_name, list_deltas, write_delta
+from gpurec.sync.deltafile import DeltaNotWritten, Entry, delta_name, list_deltas, write_delta
 from gpurec.train.recipe import Trainer
 
 SYNC_TOPIC = "sync"
@@ -83,6 +83,8 @@ class DeltaPublisher:
             if any(s.col_start != 0 or s.weight.shape[1] != self.specs[feature].embedding_dim for s in shards):
                 raise InvalidInput(f"table {feature!r} is sharded by columns: parameter sync ships whole rows (use table_wise or row_wise)")
         trainer.touched = TouchedRows(list(trainer.run.sparse_specs))
+        if self.main:
+            _remove_temporaries(self.directory)
         existing = list_deltas(self.directory)
         self.seq = _agreed(existing[-1][0] if existing else -1, self.world)
         self.published_slots: dict[str, torch.Tensor] = {}
@@ -104,6 +106,10 @@ class DeltaPublisher:
             trained_at = time.monotonic()
             self.pending_actions.extend((e.last_action_ms, trained_at) for e in examples if e.last_action_ms > 0)
         self.maybe_publish(state)
+
+    def after_forget(self, trainer: Trainer, state: TrainerState) -> None:
+        """A user was forgotten: publish the reset rows and slots now, not at the next interval."""
+        self.maybe_publish(state, force=True)
 
     def finish(self, state: TrainerState) -> dict[str, Any]:
         """Publish what is left (rows and dense weights) and report what was published."""
@@ -224,7 +230,10 @@ class DeltaPublisher:
             "examples_trained": state.samples,
             "step": state.step,
         }
-        path = write_delta(self.directory, seq, kind, entries, header)
+        try:
+            path = write_delta(self.directory, seq, kind, entries, header)
+        except DeltaNotWritten as error:  # a full disk: stop in one line; servers keep the deltas before it
+            raise GpurecError(f"sync: {error.strerror or error}") from error
         if self.log is not None:
             self.log.append(SYNC_TOPIC, [Record(seq, delta_name(seq, kind).encode(), header["created_ms"])])
         return path
@@ -239,6 +248,15 @@ class DeltaPublisher:
         for seq, _, path in list_deltas(self.directory):
             if seq < keep_from:
                 path.unlink(missing_ok=True)
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Delete the deltas a killed writer left under their temporary names (`deltafile.write_delta`'s
+    `.<name>.<pid>.tmp`). Never read (`list_deltas` skips them); one trainer writes a directory, so
+    at its start no write is in flight."""
+    if directory.is_dir():
+        for path in directory.glob(".*.delta.*.tmp"):
+            path.unlink(missing_ok=True)
 
 
 def _agreed(value: Any, world: int) -> Any:

@@ -112,6 +112,19 @@ class Trainer:
             self.touched.add(rows)
         return rows
 
+    def forget(self, ids_by_feature: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Erase hashed ids (table keys) per feature, on every rank with the same ids: the id map
+        releases their rows and deny-lists them, the rows' embedding and optimizer state are
+        zeroed (no trace left in the table or the next checkpoint) and marked changed, so the
+        next parameter-sync delta ships the zeros and the freed id-map slots to every server.
+        The ids then read the default row, as ids never seen do. Returns the released rows per
+        feature (none with hashed tables, whose rows are shared: see `IdMap.forget`)."""
+        released = self.ids.forget(ids_by_feature)
+        self.reinit.zero(released)
+        if self.touched is not None:
+            self.touched.mark(released)
+        return released
+
     def step(self, batch: TimedBatch, loss_scale: float = 1.0) -> StepResult:
         """One optimizer step on a batch already on the device. The logits come from the forward
         pass before the update: scores of examples the model has not trained on yet.

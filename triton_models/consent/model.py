@@ -4,7 +4,7 @@ The logic lives in `gpurec.serve.consent.ConsentService` (the profile in the onl
 then a `ConsentChange` on the event log's `consent` topic); this file maps Triton requests onto it.
 Inputs: `user_id` INT64 [1]; `personalisation` BOOL [1] and `training` BOOL [1], each optional
 (a flag left out keeps its value; at least one); optional `ts_ms` INT64 [1] (event time; default
-now). Outputs: `personalisation`, `training` (the consent after the change), `ts_ms`. A bad request
+now); optional `forget` BOOL [1]: true erases the user (`ConsentService.forget`; the flags are ignored). Outputs: `personalisation`, `training` (the consent after the change), `ts_ms`. A bad request
 or an unknown user gets INVALID_ARG; no store or log, or one failing, UNAVAILABLE (the change is
 idempotent: retry). Where the store and the log are: `consent/config.pbtxt` parameters (export
 writes the feed's), overridden by GPUREC_FEATURE_STORE / GPUREC_EVENT_LOG.
@@ -67,12 +67,16 @@ class TritonPythonModel:
             user_id = _scalar(request, "user_id", required=True)
             personalisation, training = (_scalar(request, name) for name in ("personalisation", "training"))
             ts_ms = _scalar(request, "ts_ms")
-            change = self.service.apply(
-                int(user_id),
-                None if personalisation is None else bool(personalisation),
-                None if training is None else bool(training),
-                None if ts_ms is None else int(ts_ms),
-            )
+            forget = _scalar(request, "forget")
+            if forget is not None and bool(forget):
+                change = self.service.forget(int(user_id), None if ts_ms is None else int(ts_ms))
+            else:
+                change = self.service.apply(
+                    int(user_id),
+                    None if personalisation is None else bool(personalisation),
+                    None if training is None else bool(training),
+                    None if ts_ms is None else int(ts_ms),
+                )
         except Exception as err:
             code = next((c for kind, c in self.errors.items() if isinstance(err, kind)), pb_utils.TritonError.INTERNAL)
             if code == pb_utils.TritonError.INTERNAL:

@@ -107,11 +107,16 @@ class TritonPythonModel:
         self.applier.poll()  # serve the newest parameters from the first request on
         self._report_sync()
         self._sync_stop = threading.Event()
+        self._server_pid = os.getppid()
         self._sync_thread = threading.Thread(target=self._follow_deltas, name="gpurec-ranker-sync", daemon=True)
         self._sync_thread.start()
 
     def _follow_deltas(self) -> None:
         while not self._sync_stop.wait(0.005):
+            if os.getppid() != self._server_pid:
+                # The server died (kill -9): a metric update now is an IPC call nobody answers, and it
+                # would keep this stub, with the whole model, alive forever. Stop; the stub exits.
+                return
             try:
                 if self.applier.poll():
                     self._report_sync()
