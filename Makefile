@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python bench/sync_serve.py
 	$(BIN)/python bench/online_train.py
 	$(BIN)/python bench/join_on_log.py
+	$(BIN)/python bench/forget.py
 
 # Proves every GPU path on a GPU node (kernels vs reference at scale, insert under contention,
 # compute-sanitizer, benchmarks, ncu) with the machine's own python3: CUDA torch + Triton, no venv.

@@ -334,11 +334,24 @@ def test_trainer_and_publisher_killed_anywhere_train_each_example_once_and_never
 # ---- the Triton server ---------------------------------------------------------------------------
 
 
-def _served_version(server) -> list[float]:
+def _served_version(server, timeout_s: float = 30.0) -> list[float]:
+    """The ranker instances' applied delta versions. Triton's metrics endpoint can come up a moment
+    after the server reports ready (seen once in CI: connection refused), so a refused connection or a
+    page without the gauge yet is retried, for at most `timeout_s`."""
+    import urllib.error
     import urllib.request
 
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gpurec_ranker_sync_version{")]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+            versions = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gpurec_ranker_sync_version{")]
+            if versions or time.monotonic() > deadline:
+                return versions
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -11,18 +11,17 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
+from test_feature_store import redis_server  # noqa: F401 (fixture)
 
 from gpurec.data.generate import generate_synthetic
 from gpurec.data.hashing_core import hash_id
 from gpurec.data.pseudonym import Pseudonymizer
 from gpurec.data.world import WorldConfig
-from gpurec.features.redis_server import RedisServer
 from gpurec.features.store import open_feature_store
 from gpurec.preprocess.run import preprocess
 from gpurec.privacy.verify import Trace, find_traces, id_forms, verify_report
@@ -212,18 +211,9 @@ def test_sqlite_feature_store(ws) -> None:
     assert "feature_store" in kinds(find_traces(ws, other))
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    pid = server.process.pid
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, "redis-server still running"
 
 
-def test_redis_feature_store(ws, redis_server) -> None:
+def test_redis_feature_store(ws, redis_server) -> None:  # noqa: F811 (the fixture)
     user, other = users_of(ws)
     profiles, impressions = _profiles(ws, [user, other]), _impressions(ws, [user, other])
     rewrite_parquet_without(ws.root, user)

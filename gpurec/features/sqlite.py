@@ -90,6 +90,7 @@ class SQLiteFeatureStore(OnlineFeatureStore):
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # what a delete frees is zeroed (erasure, pruning)
         self._select = {
             t.name: f"SELECT {', '.join([t.key, *COUNTER_COLUMNS, *t.numeric_columns, *t.blob_columns])} FROM {t.name}"
             for t in (self.layout.users, self.layout.items)
@@ -144,16 +145,16 @@ class SQLiteFeatureStore(OnlineFeatureStore):
         return self._salt
 
     def _forget(self, user_id: int, digest: bytes) -> dict[str, int]:
-        with self._lock:
-            # secure_delete: freed pages are overwritten with zeros, so the deleted rows' bytes do not
-            # stay readable in the file; the WAL is checkpointed and truncated after the commit for the
-            # same reason (its frames hold the old pages).
-            self._db.execute("PRAGMA secure_delete = ON")
         with self._write() as db:
             users = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount
             impressions = db.execute("DELETE FROM impressions WHERE user_id = ?", (user_id,)).rowcount
             db.execute("INSERT OR IGNORE INTO forgotten VALUES (?)", (digest,))
         with self._lock:
+            # No copy of the deleted rows may stay readable in the file: secure_delete zeroes what a
+            # delete frees, but older copies sit in the free space of pages that page splits left
+            # behind (measured: 1 of 657 copies of an id survived the delete). VACUUM rewrites the file
+            # from the live rows only; then the WAL, which holds the old pages, is truncated.
+            self._db.execute("VACUUM")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"profiles": max(users, 0), "impressions": max(impressions, 0)}
 

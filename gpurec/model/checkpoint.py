@@ -285,7 +285,7 @@ def _fall_back(root: Path, named: str | None, pointer: str) -> Path | None:
     return None
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -305,7 +305,7 @@ def _write_durably(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _manifest(checkpoint: Path) -> str:
@@ -362,7 +362,7 @@ def save_checkpoint(
             if path.exists():  # the same step saved again: the new one replaces it whole
                 shutil.rmtree(path)
             os.replace(partial, path)
-            _fsync_directory(root)
+            fsync_directory(root)
             # Hashed just now: readers in this process need not hash it again.
             _VERIFIED[str(path.resolve())] = _signature(path, json.loads((path / MANIFEST_FILE).read_text())["files"])
             _write_durably(root / LATEST, path.name)

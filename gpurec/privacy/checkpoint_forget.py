@@ -39,24 +39,21 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from gpurec.data.hashing_core import hash_id
-from gpurec.embedding.cuckoo import fold_empty
 from gpurec.embedding.idmap import id_map_for
 from gpurec.errors import InputNotFound
-from gpurec.model.checkpoint import TRAINER_FILE, read_trainer_state, seal_checkpoint, verify_checkpoint
-
-USER_FEATURE = "user_id"  # the sparse feature whose ids are users (gpurec.preprocess.features)
+from gpurec.model.checkpoint import (
+    TRAINER_FILE,
+    fsync_directory,
+    read_trainer_state,
+    seal_checkpoint,
+    verify_checkpoint,
+)
+from gpurec.sync.forget import user_table_key
 
 
 def user_table_keys(user_id: int) -> list[int]:
-    """The id-map keys a user's id becomes: what a verifier searches checkpoints for.
-
-    ``user_id`` is the id as the data holds it: the pseudonymous id where ids are pseudonymised at
-    the edge (`gpurec.data.pseudonym`), else the raw id. Preprocessing and serving hash it with
-    the feature's salt (`hash_id(id, "user_id")`, the ``sparse_user_id`` column) and the id map
-    stores that hash (folded off the map's one reserved value, as every id is)."""
-    key = hash_id(int(user_id), USER_FEATURE)
-    return [int(fold_empty(torch.tensor([key]))[0])]
+    """The id-map keys a user's id becomes (`gpurec.sync.forget.user_table_key`), as a list."""
+    return [user_table_key(user_id)]
 
 
 @dataclass
@@ -195,7 +192,7 @@ def _replace(path: Path, state: dict[str, Any]) -> None:
         os.replace(path, old)
         os.replace(new, path)
         shutil.rmtree(old)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -212,10 +209,3 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     raise OSError(code, os.strerror(code), str(b))
 
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

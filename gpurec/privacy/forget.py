@@ -39,6 +39,7 @@ from gpurec.stream.join import DEAD_LETTER
 from gpurec.stream.joiner_state import CONSENT_PREFIX, pack_user
 from gpurec.stream.log import EraseUnsupported, EventLog, Record, open_event_log
 from gpurec.stream.records import ConsentChange, DeadLetter, decoder, encode
+from gpurec.sync.examples import EXAMPLES_TOPIC
 from gpurec.sync.forget import USER_FEATURE, user_table_key
 from gpurec.sync.online import DEAD_LETTER_TOPIC as TRAINER_DEAD_LETTER
 from gpurec.workspace import Workspace
@@ -66,6 +67,8 @@ def wait_for_trainer(ws: Workspace, partition: int, offset: int, timeout_s: floa
     checkpoint rewrite does its part)."""
     deadline = time.monotonic() + timeout_s
     with open_event_log(ws.event_log_url) as log:
+        if EXAMPLES_TOPIC not in log.topics() or not log.committed(ONLINE_GROUP, EXAMPLES_TOPIC):
+            return False  # no online trainer has ever committed here: nobody to wait for
         while True:
             if log.committed(ONLINE_GROUP, CONSENT_TOPIC).get(partition, 0) > offset:
                 return True

@@ -27,6 +27,7 @@ import contextlib
 import operator
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 from gpurec.errors import GpurecError, InvalidInput
@@ -73,18 +74,7 @@ class ConsentService:
         ts_ms: int | None = None,
     ) -> ConsentChange:
         """Change the user's consent; returns the `ConsentChange` logged (their whole consent after it)."""
-        try:
-            change = self._apply(user_id, personalisation, training, ts_ms)
-        except ConsentRequestError:
-            self.metrics.add("gpurec_consent_requests_total", outcome="invalid")
-            raise
-        except ConsentUnavailable:
-            self.metrics.add("gpurec_consent_requests_total", outcome="unavailable")
-            raise
-        except Exception:
-            self.metrics.add("gpurec_consent_requests_total", outcome="failed")
-            raise
-        self.metrics.add("gpurec_consent_requests_total", outcome="ok")
+        change = self._counted(self._apply, user_id, personalisation, training, ts_ms)
         self.metrics.add(
             "gpurec_consent_changes_total",
             personalisation=_on_off(bool(change.personalisation)),
@@ -97,8 +87,14 @@ class ConsentService:
         request non-profiled and unlogged, the id deny-listed) and a `ConsentChange(forget=True)` goes
         on the `consent` topic (the joiner and the online trainer act on it). Idempotent; a user the
         store does not know is forgotten all the same (they may have been forgotten before)."""
+        change = self._counted(self._forget, user_id, ts_ms)
+        self.metrics.add("gpurec_consent_changes_total", personalisation="forgotten", training="forgotten")
+        return change
+
+    def _counted(self, change: Callable[..., ConsentChange], *args: object) -> ConsentChange:
+        """Run one change, counting the request by its outcome (ok, invalid, unavailable, failed)."""
         try:
-            change = self._forget(user_id, ts_ms)
+            result = change(*args)
         except ConsentRequestError:
             self.metrics.add("gpurec_consent_requests_total", outcome="invalid")
             raise
@@ -109,8 +105,7 @@ class ConsentService:
             self.metrics.add("gpurec_consent_requests_total", outcome="failed")
             raise
         self.metrics.add("gpurec_consent_requests_total", outcome="ok")
-        self.metrics.add("gpurec_consent_changes_total", personalisation="forgotten", training="forgotten")
-        return change
+        return result
 
     def _forget(self, user_id: int, ts_ms: int | None) -> ConsentChange:
         user_id, ts_ms = self._checked(user_id, ts_ms)

@@ -414,6 +414,9 @@ class LocalEventLog(EventLog):
             if states:
                 deleted["state"] = states
         with self._lock:
+            # Older copies of the rows can sit in the free space of pages that page splits left
+            # behind, which secure_delete never sees: VACUUM rewrites the file from the live rows.
+            self._db.execute("VACUUM")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted
 

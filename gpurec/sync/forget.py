@@ -13,7 +13,10 @@ and forgets again (idempotent).
 
 from __future__ import annotations
 
+import torch
+
 from gpurec.data.hashing_core import hash_id
+from gpurec.embedding.cuckoo import fold_empty
 from gpurec.errors import InvalidInput
 from gpurec.stream.join import CONSENT
 from gpurec.stream.log import EventLog
@@ -24,8 +27,14 @@ _decode = decoder(ConsentChange)
 
 
 def user_table_key(user_id: int) -> int:
-    """The user-id feature's table key of a (pseudonymous) user id: what the id maps hold."""
-    return hash_id(int(user_id), USER_FEATURE)
+    """The id-map key a user's id becomes: what the id maps hold and a verifier searches for.
+
+    ``user_id`` is the id as the data holds it: the pseudonym where ids are pseudonymised at the edge
+    (`gpurec.data.pseudonym`), else the raw id. Preprocessing and serving hash it with the feature's
+    salt (`hash_id(id, "user_id")`, the ``sparse_user_id`` column) and the id map stores that hash,
+    folded off the map's one reserved value as every id is."""
+    key = hash_id(int(user_id), USER_FEATURE)
+    return int(fold_empty(torch.tensor([key]))[0])
 
 
 class ForgetFollower:
