@@ -23,6 +23,7 @@ another, so each stage's output and errors are exactly what that command shows o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -102,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"$ gpurec {' '.join(argv)} &", file=show, flush=True)
             background.append(_start(argv, live / f"{name}.log"))
         _wait_for_first_delta(background[-1][0], sync_dir, live / "trainer.log")
-        opted_out, forgotten = _privacy_users(raw)
-        midway = _privacy_midway(args.live_seconds / 2, store_url, log_url, opted_out, out, forgotten, show)
+        chosen: dict[str, int] = {}
+        midway = _privacy_midway(args.live_seconds / 2, raw, live / "features.db", store_url, log_url, out, chosen, show)
         simulated = json.loads(
             gpurec("simulate", "--repo", str(repo), "--log", log_url, "--feature-store", store_url,
                    "--world", str(raw), "--users", str(args.live_users), "--rate", str(args.rate),
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
             _stop(process)  # SIGTERM: the joiner commits its step, the trainer checkpoints
             log_file.close()
     midway.join()
+    if len(chosen) != 2:
+        raise GpurecError("the privacy step half-way through the traffic failed; see its output above")
+    opted_out, forgotten = chosen["opted_out"], chosen["forgotten"]
     # Close every window that the traffic opened (the drained joiner's report has the totals), then
     # train what is left, so both models are compared on all of the live examples.
     joined = json.loads(
@@ -163,27 +167,38 @@ def _create_topics(log_url: str) -> None:
         create_consent_topic(log, JOINER_PARTITIONS)  # the joiner and the trainer follow it from their start
 
 
-def _privacy_users(raw: Path) -> tuple[int, int]:
-    """The two users with the most impressions: one opts out, one is forgotten (both likely live)."""
+def _privacy_users(raw: Path, store_path: Path) -> tuple[int, int]:
+    """Of the users the simulation put in the online store (the live ones), the two with the most
+    impressions in the world's logs: one opts out, one is forgotten. (The embedded store's file is
+    read directly: the store interface has no listing, and a demo needs none elsewhere.)"""
+    import sqlite3
+
     import polars as pl
 
+    with contextlib.closing(sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)) as db:
+        live = [row[0] for row in db.execute("SELECT user_id FROM users WHERE consent_personalisation AND consent_training")]
     counts = (
         pl.scan_parquet(raw / "impressions" / "**" / "*.parquet", hive_partitioning=False)
-        .group_by("user_id").len().sort(["len", "user_id"], descending=[True, False]).head(2).collect()
+        .filter(pl.col("user_id").is_in(live)).group_by("user_id").len()
+        .sort(["len", "user_id"], descending=[True, False]).head(2).collect()
     )  # fmt: skip
     opted_out, forgotten = counts["user_id"].to_list()
     return int(opted_out), int(forgotten)
 
 
-def _privacy_midway(delay_s: float, store_url: str, log_url: str, opted_out: int, out: Path, forgotten: int, show) -> threading.Thread:
-    """Half-way through the traffic: one user turns personalisation and training off (the consent
-    model's logic, `ConsentService`), another asks to be forgotten (`gpurec forget --no-purge`)."""
+def _privacy_midway(
+    delay_s: float, raw: Path, store_path: Path, store_url: str, log_url: str, out: Path, chosen: dict[str, int], show
+) -> threading.Thread:
+    """Half-way through the traffic: one live user turns personalisation and training off (the
+    consent model's logic, `ConsentService`), another asks to be forgotten (`gpurec forget
+    --no-purge`). Their ids go into `chosen`."""
 
     def act() -> None:
-        time.sleep(delay_s)
         from gpurec.serve.consent import ConsentService
         from gpurec.serve.feed_settings import FeedSettings
 
+        time.sleep(delay_s)
+        opted_out, forgotten = _privacy_users(raw, store_path)
         service = ConsentService(FeedSettings(feature_store=store_url, event_log=log_url))
         try:
             service.apply(opted_out, personalisation=False, training=False)
@@ -191,7 +206,8 @@ def _privacy_midway(delay_s: float, store_url: str, log_url: str, opted_out: int
             service.close()
         print(f"privacy: user {opted_out} turned personalisation and training off", file=show, flush=True)
         command = [sys.executable, "-m", "gpurec.cli", "forget", "--workspace", str(out), "--user", str(forgotten), "--no-purge"]
-        subprocess.run(command, stdout=show, stderr=show, check=False)
+        if subprocess.run(command, stdout=show, stderr=show, check=False).returncode == 0:
+            chosen.update(opted_out=opted_out, forgotten=forgotten)  # both done: the demo goes on
 
     thread = threading.Thread(target=act, name="privacy-midway", daemon=True)
     thread.start()

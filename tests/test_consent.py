@@ -9,6 +9,7 @@ examples at the next request.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -219,10 +220,19 @@ def test_consent_through_the_client_reaches_the_next_request(server, contract, l
         assert before[0].scores.tolist() != before[1].scores.tolist()
         assert feeds.set_consent(a, personalisation=False, ts_ms=now) == ConsentResult(a, False, True, now)
         assert feeds.set_consent(b, personalisation=False).personalisation is False
-        after = [feeds.feed(u, 10, ts_ms=now, request_id=20_000_000 + k) for k, u in enumerate((a, b))]
-        assert after[0].item_ids.tolist() == after[1].item_ids.tolist()
+        # Each feed instance follows the log on its own, so two requests may meet instances whose
+        # candidate pools are a moment apart (seen under load in CI): ask again until a pair met the
+        # same pools. A ranking that used any per-user input would never agree.
+        attempt = itertools.count()
+
+        def pair():
+            first = 20_000_000 + 2 * next(attempt)
+            out = [feeds.feed(u, 10, ts_ms=now, request_id=first + k) for k, u in enumerate((a, b))]
+            return (out, first) if out[0].item_ids.tolist() == out[1].item_ids.tolist() else None
+
+        after, first = wait_for(pair, what="two non-profiled feeds of one region to agree")
         assert after[0].scores.tolist() == after[1].scores.tolist()  # the real ranker, bit for bit
-        rows = wait_for(lambda: (r := served_rows(live, 20_000_000)) and len(r) == 10 and r, what="the served rows")
+        rows = wait_for(lambda: (r := served_rows(live, first)) and len(r) == 10 and r, what="the served rows")
         assert not any(r.consent_training for r in rows)
         with pytest.raises(InvalidRequest, match="unknown user"):
             feeds.set_consent(987_654_321_987, training=False)
