@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from gpurec.data.schema import MS_PER_DAY
 from gpurec.data.world import WorldConfig
 from gpurec.errors import InvalidInput
 from gpurec.model.config import ModelConfig
@@ -57,7 +58,6 @@ DEFAULT_REPLAY = ReplaySettings(
 # A CI-sized run: a small world, two training days, two online days, one seed, one epoch.
 QUICK = {"users": 200, "items": 500, "days": 4, "train_days": 2, "seeds": "7", "epochs": 1}
 TASKS: tuple[str, ...] = ("like", "finish")
-MS_PER_DAY = 86_400_000
 SORT_KEY = ["ts", "request_id", "item_id"]  # event-time order, ties broken the same way everywhere
 
 

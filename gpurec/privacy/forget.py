@@ -29,7 +29,6 @@ by running it again:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from gpurec.data.pseudonym import Pseudonymizer
@@ -38,7 +37,15 @@ from gpurec.serve.consent import CONSENT_TOPIC, create_consent_topic
 from gpurec.stream.join import DEAD_LETTER
 from gpurec.stream.joiner_state import CONSENT_PREFIX, pack_user
 from gpurec.stream.log import EraseUnsupported, EventLog, Record, open_event_log
-from gpurec.stream.records import ConsentChange, DeadLetter, decoder, encode
+from gpurec.stream.records import (
+    DEAD_LETTER_SOURCES,
+    ConsentChange,
+    DeadLetter,
+    Example,
+    decode,
+    decoder,
+    encode,
+)
 from gpurec.sync.examples import EXAMPLES_TOPIC
 from gpurec.sync.forget import USER_FEATURE, user_table_key
 from gpurec.sync.online import DEAD_LETTER_TOPIC as TRAINER_DEAD_LETTER
@@ -78,32 +85,20 @@ def wait_for_trainer(ws: Workspace, partition: int, offset: int, timeout_s: floa
 
 
 def _names_user(user_id: int):
-    """A dead letter's predicate: its payload decodes to a record of the user, or holds the id."""
-    needles = (str(user_id).encode(), int(user_id).to_bytes(8, "little", signed=True))
+    """A dead letter's predicate: its payload, decoded as its source's record, is the user's; or,
+    undecodable, holds the id in decimal or 8-byte form (as the verifier judges raw payloads)."""
+    needles = (str(user_id).encode(), *(int(user_id).to_bytes(8, order, signed=True) for order in ("little", "big")))
 
     def matches(value: bytes) -> bool:
         try:
             letter = _letter(value)
-        except Exception:  # an undecodable letter: search its bytes
+            record = decode(letter.record, DEAD_LETTER_SOURCES[letter.source])
+        except Exception:  # what arrived, maybe garbage: search its bytes
             return any(n in value for n in needles)
-        inner = getattr(letter, "record", b"") or b""
-        for kind in ("Action", "ServedRow", "Example", "ConsentChange"):
-            try:
-                record = decoder(_record_type(kind))(inner)
-            except Exception:
-                continue
-            user = getattr(record, "user_id", None) or getattr(getattr(record, "served", None), "user_id", None)
-            if user == user_id:
-                return True
-        return abs(user_id) >= 1 << 32 and any(n in inner for n in needles)
+        served = record.served if isinstance(record, Example) else record
+        return served.user_id == user_id or (abs(user_id) >= 1 << 32 and any(n in letter.record for n in needles))
 
     return matches
-
-
-def _record_type(name: str) -> type:
-    from gpurec.stream import records
-
-    return getattr(records, name)
 
 
 def purge_event_log(log: EventLog, user_id: int) -> dict[str, int] | str:
@@ -171,9 +166,3 @@ def verify(ws: Workspace, raw_user_id: int, user_id: int) -> dict[str, Any]:
 
     pseudonym = user_id if user_id != raw_user_id else None
     return {"verification": verify_report(ws, raw_user_id, pseudonym, [user_table_key(user_id)])}
-
-
-def key_file_pseudonymizer(path: str | Path | None) -> Pseudonymizer | None:
-    from gpurec.data.pseudonym import load_pseudonymizer
-
-    return load_pseudonymizer(path)

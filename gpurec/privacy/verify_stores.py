@@ -17,14 +17,21 @@ import msgspec
 
 from gpurec.stream.joiner_state import CONSENT_PREFIX, EARLY_PREFIX, ROW_PREFIX, EarlyAction, RowState
 from gpurec.stream.log import EventLog, open_event_log
-from gpurec.stream.records import Action, ConsentChange, DeadLetter, Example, ServedRow, decode
+from gpurec.stream.records import (
+    DEAD_LETTER_SOURCES,
+    Action,
+    ConsentChange,
+    DeadLetter,
+    Example,
+    ServedRow,
+    decode,
+)
 
 USER_FEATURE = "user_id"  # the sparse feature whose hashed ids are the user's table keys
 # Topics whose record key is the user id (gpurec.stream.join, gpurec.sync.online): their keys are
 # user fields. Literal names: this module must not import the joiner's runtime.
 USER_KEYED_TOPICS = ("served", "actions", "consent", "examples", "joiner.dead_letter")
 TOPIC_KINDS: dict[str, type] = {"served": ServedRow, "actions": Action, "consent": ConsentChange, "examples": Example}
-SOURCE_KINDS: dict[str, type] = {"served": ServedRow, "action": Action, "consent": ConsentChange, "example": Example}
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _REDIS_USER_KEY = re.compile(rb"(?:^|:)u:(-?\d+)$")
 _IMP_RECORD = struct.Struct("<qq??q")  # gpurec.features.redis: an impression record starts with user_id
@@ -121,7 +128,7 @@ class StoreScans:
                     if self.match(v, USER_FEATURE in name) is not None:
                         out.append((f"{prefix}inputs.sparse.{name}", v, True))
         if isinstance(record, DeadLetter):
-            kind = SOURCE_KINDS.get(record.source)
+            kind = DEAD_LETTER_SOURCES.get(record.source)
             try:
                 if kind is None:
                     raise msgspec.DecodeError("unknown source")

@@ -92,6 +92,8 @@ class LocalEventLog(EventLog):
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={str(synchronous).upper()}")
+        # What retention, compaction and erasure delete is overwritten, not left readable in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         with self._write() as db:
             for statement in _SCHEMA.split(";"):  # executescript would commit our transaction first
                 if statement.strip():
@@ -321,8 +323,6 @@ class LocalEventLog(EventLog):
         wall_ms = int(time.time() * 1000)
         self._last_cleanup = time.monotonic()
         with self._lock:
-            # Expired records' bytes are overwritten, not left readable in free pages of the file.
-            self._db.execute("PRAGMA secure_delete = ON")
             rows = self._db.execute(
                 "SELECT id, partitions, retention_ms, compacted FROM topics"
                 " WHERE retention_ms IS NOT NULL OR compacted"
@@ -390,10 +390,6 @@ class LocalEventLog(EventLog):
         state_keys: Iterable[bytes] = (),
     ) -> dict[str, int]:
         deleted: dict[str, int] = {}
-        with self._lock:
-            # Deleted rows' bytes are overwritten (not just unlinked), and the WAL, which holds the
-            # old pages, is truncated after the commit: the file keeps no readable copy.
-            self._db.execute("PRAGMA secure_delete = ON")
         with self._write() as db:
             for topic_id, name in db.execute("SELECT id, name FROM topics").fetchall():
                 count = db.execute("DELETE FROM records WHERE topic_id = ? AND key = ?", (topic_id, key)).rowcount

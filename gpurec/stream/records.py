@@ -134,6 +134,9 @@ class DeadLetter(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 
 Record = ServedRow | Action | ConsentChange | Example | DeadLetter
+# What a `DeadLetter.source` names: the record type its `record` bytes were sent as (the joiner's
+# inputs, the online trainer's examples).
+DEAD_LETTER_SOURCES: Final[dict[str, type]] = {"served": ServedRow, "action": Action, "consent": ConsentChange, "example": Example}
 R = TypeVar("R", ServedRow, Action, ConsentChange, Example, DeadLetter)
 
 _ENCODER: Final = msgspec.msgpack.Encoder()

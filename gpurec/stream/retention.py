@@ -29,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
+from gpurec.data.schema import MS_PER_DAY
+
 if TYPE_CHECKING:
     from gpurec.stream.log import EventLog
 
-MS_PER_DAY: Final = 86_400_000
 
 # Topic names as the stages spell them (stream cannot import the sync and serve stages that own
 # some of them; tests/test_retention.py checks that these names match theirs).
